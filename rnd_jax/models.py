@@ -1,0 +1,256 @@
+"""Image classifiers (Flax linen) with marked hidden layers for feature-space defenses.
+
+Every model maps ``x: f32[B, H, W, C]`` (pixels in ``[0, 1]``) to **logits** ``f32[B, K]``::
+
+    model = get_model("digits_cnn")
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    logits = model.apply({"params": params}, x)
+
+Hidden-layer marks
+------------------
+The output of every hidden block is passed through :meth:`flax.linen.Module.perturb`
+(collection ``"perturbations"``) under a stable name (``"conv1"``, ``"conv2"``, ...,
+``"dense1"``).  A mark is the *block output*: post-ReLU, and after the block's max-pool
+when it has one (max-pooling commutes with ReLU, so this is still a post-activation
+value).  Logits are not marked.  Consequences:
+
+* ``apply({"params": p}, x)`` ignores the marks entirely (no extra cost).
+* ``apply({"params": p, "perturbations": d}, x)`` adds ``d[name]`` to the marked tensor
+  before the next layer sees it -- this is how feature-noise defenses inject noise.
+  ``d`` must hold *every* marked name; each entry broadcasts against the activation
+  ``f32[B, *feature_shapes(...)[name]]`` (so a per-example ``f32[*shape]`` entry is
+  shared across the batch, a ``f32[B, *shape]`` entry is per-example).
+* ``jax.grad`` of a loss with respect to ``d`` (zeros) is the gradient with respect to
+  the hidden activations.
+
+Models
+------
+``digits_cnn``
+    Small CNN for 8x8 digits, sized for millions of queries on a CPU.
+``mnist_cnn``
+    MNIST / Fashion-MNIST model of Aithal & Li (2022).
+``cifar10_cnn``
+    7-layer all-convolutional CIFAR-10 model of Aithal & Li (2022).
+
+Aithal & Li (2022): M. B. Aithal and X. Li, "Boundary Defense Against Black-box
+Adversarial Attacks", arXiv:2201.13444.  Where the paper leaves a detail open (padding,
+pooling placement) the choice made here is stated in the model's docstring.
+
+No model uses BatchNorm, so ``params`` is the only variable collection needed at
+inference and ``apply`` is a pure function of ``(params, x)``.  Dropout (``mnist_cnn``)
+is active only for ``apply(..., train=True, rngs={"dropout": key})``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS",
+    "Cifar10CNN",
+    "DigitsCNN",
+    "MnistCNN",
+    "feature_shapes",
+    "get_model",
+    "perturb_names",
+]
+
+PERTURBATIONS = "perturbations"
+
+
+def _max_pool(h: jax.Array) -> jax.Array:
+    return nn.max_pool(h, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8x1 inputs (scikit-learn digits).
+
+    ``conv3x3(16)+ReLU -> maxpool2 -> conv3x3(32)+ReLU -> maxpool2 -> flatten
+    -> dense(64)+ReLU -> dense(num_classes)``, SAME padding, stride 1.
+
+    Shapes for an 8x8x1 input: ``conv1: 4x4x16``, ``conv2: 2x2x32``, ``dense1: 64``
+    (marked after pooling).  13,706 parameters; 91,776 multiply-adds (~184k FLOPs)
+    per image.
+
+    Marks: ``conv1``, ``conv2``, ``dense1``.
+    """
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout; accepted so every model has the same call signature
+        h = _max_pool(nn.relu(nn.Conv(16, (3, 3), padding="SAME", name="Conv_0")(x)))
+        h = self.perturb("conv1", h)
+        h = _max_pool(nn.relu(nn.Conv(32, (3, 3), padding="SAME", name="Conv_1")(h)))
+        h = self.perturb("conv2", h)
+        h = h.reshape(h.shape[0], -1)
+        h = nn.relu(nn.Dense(64, name="Dense_0")(h))
+        h = self.perturb("dense1", h)
+        return nn.Dense(self.num_classes, name="Dense_1")(h)
+
+
+class MnistCNN(nn.Module):
+    """MNIST / Fashion-MNIST model of Aithal & Li (2022).
+
+    ``conv3x3(32)+ReLU -> maxpool2 -> conv3x3(64)+ReLU -> maxpool2 -> flatten
+    -> dense(1024)+ReLU -> dropout(0.2) -> dense(num_classes)``.
+
+    The paper specifies the layer widths (conv 32, conv 64, dense 1024, dropout 0.2,
+    dense 10).  Choices made here: 3x3 kernels, SAME padding, stride 1, and a 2x2
+    max-pool after *each* conv (the classic "deep MNIST" layout), which keeps the
+    flattened feature at 7x7x64 = 3136 and the model at ~3.24M parameters and
+    ~7.1M multiply-adds per 28x28 image.  Dropout sits after the ``dense1`` mark, so
+    feature perturbations and gradients at ``dense1`` are those of the pre-dropout
+    activation (identical at inference, where dropout is the identity).
+
+    Marks: ``conv1`` (14x14x32), ``conv2`` (7x7x64), ``dense1`` (1024).
+    """
+
+    num_classes: int = 10
+    dropout_rate: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        h = _max_pool(nn.relu(nn.Conv(32, (3, 3), padding="SAME", name="Conv_0")(x)))
+        h = self.perturb("conv1", h)
+        h = _max_pool(nn.relu(nn.Conv(64, (3, 3), padding="SAME", name="Conv_1")(h)))
+        h = self.perturb("conv2", h)
+        h = h.reshape(h.shape[0], -1)
+        h = nn.relu(nn.Dense(1024, name="Dense_0")(h))
+        h = self.perturb("dense1", h)
+        h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+        return nn.Dense(self.num_classes, name="Dense_1")(h)
+
+
+class Cifar10CNN(nn.Module):
+    """7-layer all-convolutional CIFAR-10 model of Aithal & Li (2022).
+
+    Seven conv layers with widths 64, 128, 128, 256, 256, 512, ``num_classes``; the last
+    is a 1x1 conv producing per-location class scores, global-average-pooled into the
+    logits (no dense layer).
+
+    The paper specifies the widths and the conv-only / global-pooling structure.
+    Choices made here: 3x3 kernels, SAME padding and stride 1 for conv1..conv6, ReLU
+    after each of them, and 2x2 max-pools after conv2, conv4 and conv6
+    (32 -> 16 -> 8 -> 4), i.e. three stages of two convs; conv7 is 1x1, linear (it
+    produces logits).  ~2.29M parameters, ~304M multiply-adds per 32x32x3 image.
+
+    Marks: ``conv1`` (32x32x64), ``conv2`` (16x16x128), ``conv3`` (16x16x128),
+    ``conv4`` (8x8x256), ``conv5`` (8x8x256), ``conv6`` (4x4x512) -- block outputs,
+    after the pool where a block has one.
+    """
+
+    num_classes: int = 10
+    widths: Sequence[int] = (64, 128, 128, 256, 256, 512)
+    pool_after: Sequence[int] = (2, 4, 6)  # 1-based conv indices followed by a 2x2 max-pool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout; accepted so every model has the same call signature
+        h = x
+        for i, width in enumerate(self.widths, start=1):
+            h = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"Conv_{i - 1}")(h))
+            if i in self.pool_after:
+                h = _max_pool(h)
+            h = self.perturb(f"conv{i}", h)
+        h = nn.Conv(self.num_classes, (1, 1), name=f"Conv_{len(self.widths)}")(h)
+        return jnp.mean(h, axis=(1, 2))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "mnist_cnn": MnistCNN,
+    "cifar10_cnn": Cifar10CNN,
+}
+"""Model name -> factory called as ``factory(num_classes=K)``."""
+
+DEFAULT_MODEL: dict[str, str] = {
+    "digits": "digits_cnn",
+    "mnist": "mnist_cnn",
+    "fashion_mnist": "mnist_cnn",
+    "cifar10": "cifar10_cnn",
+}
+"""Dataset name -> name of the model in :data:`MODELS` used for it by default."""
+
+
+def get_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Instantiate the registered model ``name`` with ``num_classes`` output logits.
+
+    Raises ``ValueError`` (listing the valid names) for an unknown ``name`` and for
+    ``num_classes < 2``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return MODELS[name](num_classes=num_classes)
+
+
+def _abstract_variables(model: nn.Module, input_shape: Sequence[int]):
+    """Variables of ``model`` for a batch of one ``input_shape`` image, shapes only."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be per-example (H, W, C), got {input_shape}")
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return jax.eval_shape(partial(model.init, jax.random.key(0)), x), x
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def perturb_names(model: nn.Module, input_shape: Sequence[int]) -> tuple[str, ...]:
+    """Names of the layers ``model`` marks with ``perturb``, in forward order.
+
+    ``input_shape`` is the per-example shape ``(H, W, C)``.  Nothing is computed on
+    real data: the ``perturbations`` collection is obtained with ``jax.eval_shape`` on
+    ``init``; its entries come back sorted by key (as after any pytree round-trip), so
+    they are put in forward order by the first equation of the traced ``apply``
+    (``jax.make_jaxpr``) that consumes each one.  Marks inside submodules are named
+    with their scope path joined by ``/``.  Works for any Flax module, not only those in
+    :data:`MODELS`.
+    """
+    variables, x = _abstract_variables(model, input_shape)
+    perts = variables.get(PERTURBATIONS, {})
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(perts)
+    if not leaves_with_path:
+        return ()
+    names = [_path_name(p) for p, _ in leaves_with_path]
+    leaves = [leaf for _, leaf in leaves_with_path]
+
+    def apply(params, pert_leaves, inputs):
+        tree = jax.tree_util.tree_unflatten(treedef, pert_leaves)
+        return model.apply({"params": params, PERTURBATIONS: tree}, inputs)
+
+    closed = jax.make_jaxpr(apply)(variables["params"], leaves, x)
+    n_params = len(jax.tree_util.tree_leaves(variables["params"]))
+    pert_vars = closed.jaxpr.invars[n_params : n_params + len(leaves)]
+    # Keyed by id(): equation inputs may be Literals, which are unhashable.
+    first_use = {id(v): len(closed.jaxpr.eqns) for v in pert_vars}
+    for i, eqn in enumerate(reversed(closed.jaxpr.eqns)):
+        for v in eqn.invars:
+            if id(v) in first_use:
+                first_use[id(v)] = len(closed.jaxpr.eqns) - 1 - i
+    order = sorted(range(len(names)), key=lambda j: (first_use[id(pert_vars[j])], j))
+    return tuple(names[j] for j in order)
+
+
+def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Per-example shape of every marked activation, keyed by name, in forward order.
+
+    ``input_shape`` is ``(H, W, C)``; shapes exclude the batch dimension.  Shapes only
+    (``jax.eval_shape``), no FLOPs spent.
+    """
+    variables, _ = _abstract_variables(model, input_shape)
+    flat = {
+        _path_name(p): tuple(leaf.shape[1:])
+        for p, leaf in jax.tree_util.tree_flatten_with_path(variables.get(PERTURBATIONS, {}))[0]
+    }
+    return {name: flat[name] for name in perturb_names(model, input_shape)}
