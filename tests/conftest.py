@@ -1,0 +1,64 @@
+"""Shared fixtures: one trained digits model per test session, in a private checkpoint cache."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rnd_jax import data, train
+from rnd_jax.defenses import model_scorer
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rnd_jax_cache")
+    old = os.environ.get("RND_JAX_CACHE")
+    os.environ["RND_JAX_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("RND_JAX_CACHE", None)
+    else:
+        os.environ["RND_JAX_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def digits_model(cache_dir):
+    """(model, params) of the default digits classifier, trained once per session."""
+    return train.load_or_train("digits_cnn", "digits", train.TrainConfig(), cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def clean_scorer(digits_model):
+    model, params = digits_model
+    return model_scorer(model, params)
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    return data.load("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def attack_set(clean_scorer, digits_test):
+    """Ten correctly classified test images with targets != labels (fixed key)."""
+    from rnd_jax.evaluate import select_images
+
+    x, y = digits_test
+    return select_images(jax.random.key(7), clean_scorer, x, y, 10, True, 10)
+
+
+def keys(seed: int, n: int):
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def as_np(tree):
+    """Device arrays -> numpy (PRNG keys as their raw key data), for exact comparisons."""
+    def conv(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a = jax.random.key_data(a)
+        return np.asarray(a)
+
+    return jax.tree.map(conv, tree)
