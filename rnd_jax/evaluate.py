@@ -45,8 +45,14 @@ class Protocol:
     budget: int = 10_000
     check_queries: int = 9  # defended queries of the final point; success = strict majority
     acc_draws: int = 40  # noise draws for the defended model's clean accuracy
+    eps: float | None = None  # if set, success also needs ||x_adv - x0||_norm <= eps (decision attacks)
+    norm: str = "linf"
 
     def __post_init__(self):
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of ('linf', 'l2')")
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
         for name in ("n_images", "budget", "check_queries", "acc_draws"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -133,17 +139,24 @@ def _mean(a):
     return float(np.mean(a)) if len(a) else math.nan
 
 
-def summarize(sel: Selection, res: Result, votes, clean_pred, targeted: bool, check_queries: int) -> dict[str, Any]:
-    """Per-image arrays -> the protocol's metrics (NaN where no image succeeded)."""
+def summarize(sel: Selection, res: Result, votes, clean_pred, targeted: bool, check_queries: int,
+              eps: float | None = None, norm: str = "linf") -> dict[str, Any]:
+    """Per-image arrays -> the protocol's metrics (NaN where no image succeeded).
+
+    With ``eps`` set, ``asr`` and ``asr_clean`` also require the final point to lie within the
+    ``norm`` ball of radius ``eps`` (up to 1e-5 of float slack); ``within_eps`` reports that part.
+    """
     votes, clean_pred = np.asarray(votes), np.asarray(clean_pred)
-    success = votes * check_queries > check_queries / 2
-    fooled_clean = (clean_pred == sel.targets) if targeted else (clean_pred != sel.labels)
     q = np.asarray(res.queries)
     delta = (np.asarray(res.x_adv) - sel.images).reshape(len(q), -1)
     l2 = np.linalg.norm(delta, axis=1)
     linf = np.abs(delta).max(axis=1)
+    within = np.ones(len(q), bool) if eps is None else ((linf if norm == "linf" else l2) <= eps + 1e-5)
+    success = (votes * check_queries > check_queries / 2) & within
+    fooled_clean = ((clean_pred == sel.targets) if targeted else (clean_pred != sel.labels)) & within
     s = success
     return {
+        "within_eps": float(np.mean(within)),
         "n_images": int(len(q)),
         "asr": float(np.mean(success)),
         "asr_clean": float(np.mean(fooled_clean)),

@@ -89,11 +89,25 @@ class BoundOracle:
         return self._oracle.output
 
     def __call__(self, x):
+        """Answer ``x``; its points are numbered after every point this step has asked so far."""
         if x.ndim != 4:
             raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
         out = self._oracle.query(self._key, self._first + self.used, x)
         self.used += x.shape[0]
         return out
+
+    def at(self, offset, x):
+        """Answer ``x`` as the step's points ``offset, offset + 1, ...`` (``offset`` may be traced).
+
+        For queries inside ``lax`` loops, whose count is only known at run time: they are not added
+        to ``used``; the step reports how many points it asked this way in ``Info.queries`` and
+        numbers them after its plain calls (offsets ``used, used + 1, ...``) without gaps or
+        repeats. The driver adds ``Info.queries`` to the count; the eager
+        :class:`QueryCounter` witnesses that the report is honest.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
+        return self._oracle.query(self._key, self._first + offset, x)
 
 
 class QueryCounter:

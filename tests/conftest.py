@@ -37,6 +37,14 @@ def clean_scorer(digits_model):
 
 
 @pytest.fixture(scope="session")
+def surrogate_scorer(cache_dir):
+    """A separately trained digits model (another seed): the transfer prior of P-RGF-like attacks."""
+    model, params = train.load_or_train("digits_cnn", "digits", train.TrainConfig(seed=1), cache_dir=cache_dir,
+                                        progress=False)
+    return model_scorer(model, params)
+
+
+@pytest.fixture(scope="session")
 def digits_test():
     return data.load("digits", "test")
 

@@ -13,8 +13,11 @@ with at least ``loss``. Each step derives its randomness from ``fold_in(state.ke
 
 The driver owns the query count. Before a step it binds the oracle to the image's defense key and
 to the number of queries already spent; the bound oracle counts the points the step asks about,
-which must equal ``attack.cost`` (checked when the step is traced). The loop runs while the attack
-has not succeeded and ``queries + cost <= budget``, so the budget is never exceeded. Under ``vmap``
+which must equal ``attack.cost`` (checked when the step is traced). A step whose count is only
+known at run time (a binary search inside ``lax.while_loop``) asks through ``oracle.at(offset, x)``
+and reports those points in ``Info.queries``; then ``attack.cost`` is its worst case. The loop runs
+while the attack has not succeeded and ``queries + cost <= budget``, so the budget is never
+exceeded. Under ``vmap``
 the loop runs until every image stops; an image that has stopped keeps its carry unchanged.
 
 ``advance`` can stop after ``max_steps`` steps and be called again on its result: running N steps,
@@ -38,7 +41,7 @@ class Attack(NamedTuple):
 
     init: Callable[..., Any]
     step: Callable[..., Any]
-    cost: int  # oracle points per step
+    cost: int  # oracle points per step (the worst case when the step reports Info.queries)
     output: str  # oracle output type the step needs: "scores", "top1" or "label"
     targeted: bool
 
@@ -134,16 +137,27 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
     def body(c: Carry) -> Carry:
         bound = oracle.bind(defense_key, c.queries)
         state, info = attack.step(c.state, bound)
-        if bound.used != attack.cost:
-            raise ValueError(f"attack step asked {bound.used} oracle points but declares cost {attack.cost}")
+        spent = _spent(attack, bound.used, info)
         s = c.state.step
         slot = jnp.minimum(s // stride, slots - 1)
         record = (s % stride) == 0
         tq = jnp.where(record, c.trace_queries.at[slot].set(c.queries), c.trace_queries)
         tl = jnp.where(record, c.trace_loss.at[slot].set(jnp.asarray(info.loss, jnp.float32)), c.trace_loss)
-        return Carry(state, c.queries + attack.cost, tq, tl)
+        return Carry(state, c.queries + spent, tq, tl)
 
     return jax.lax.while_loop(cond, body, carry)
+
+
+def _spent(attack: Attack, used: int, info):
+    """Points one step asked: its plain oracle calls (static) plus its reported ``Info.queries``."""
+    dynamic = getattr(info, "queries", None)
+    if dynamic is None:
+        if used != attack.cost:
+            raise ValueError(f"attack step asked {used} oracle points but declares cost {attack.cost}")
+        return attack.cost
+    if used > attack.cost:
+        raise ValueError(f"attack step asked {used} oracle points, more than its worst-case cost {attack.cost}")
+    return used + jnp.asarray(dynamic, jnp.int32)
 
 
 def finish(carry: Carry) -> Result:

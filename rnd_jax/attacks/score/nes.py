@@ -30,6 +30,7 @@ import optax
 
 from rnd_jax import losses
 from rnd_jax.attacks.driver import Attack
+from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
 
 NORMS = ("linf", "l2")
 
@@ -142,3 +143,9 @@ def nes(cfg: NESConfig) -> Attack:
         return new, NESInfo(loss=loss_fn(probs[0], state.cls), grad_norm=jnp.sqrt(jnp.sum(g * g)))
 
     return Attack(init=init, step=step, cost=J + 1, output="scores", targeted=cfg.targeted)
+
+
+register(AttackSpec(name="nes", config=NESConfig, build=lambda cfg, ctx: nes(cfg), family="score",
+                    battery=dict(norm="linf", eps=BATTERY_EPS["linf"], budget=10_000),
+                    bad_configs=(dict(samples=3), dict(samples=0), dict(eps=0.0), dict(eps=float("nan")),
+                                 dict(beta=-1.0), dict(norm="l1"), dict(momentum=1.0), dict(loss="nope"))))
