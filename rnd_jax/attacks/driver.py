@@ -8,7 +8,9 @@ An attack is a pair of pure functions built by a constructor that closes over a 
 
 ``State`` is a NamedTuple pytree with at least ``x`` (the attack's current point, returned as the
 adversarial candidate), ``done`` (the attack's own belief that ``x`` is adversarial, from its
-own — possibly noisy — answers) and ``step``. ``Info`` is a NamedTuple of per-step diagnostics
+own — possibly noisy — answers) and ``step``. A state may also carry ``failed`` (bool): once it
+is true the driver stops that image (e.g. a decision attack that found no starting point), and the
+other images of the batch run on. ``Info`` is a NamedTuple of per-step diagnostics
 with at least ``loss``. Each step derives its randomness from ``fold_in(state.key, state.step)``.
 
 The driver owns the query count. Before a step it binds the oracle to the image's defense key and
@@ -130,6 +132,8 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
 
     def cond(c: Carry):
         go = jnp.logical_not(c.state.done) & (c.queries + attack.cost <= budget)
+        if hasattr(c.state, "failed"):
+            go = go & jnp.logical_not(c.state.failed)
         if stop_at is not None:
             go = go & (c.state.step < stop_at)
         return go
