@@ -25,10 +25,20 @@ Implemented here:
   is invariant to the per-row constant ``logsumexp(z)``.
 - :func:`input_noise` (SND, Byun et al. 2022; RND, Qin et al. 2021): the model sees
   ``x + nu*eta`` with ``eta ~ N(0, I)``; the noisy image is not clipped to [0, 1] unless asked.
+  With ``scale=(a, b)`` each query's noise is multiplied by its own ``k ~ Beta(a, b)`` (SND
+  Sec. 4.7: (1, 1) uniform, (2, 2) cap-shaped, (0.5, 0.5) cup-shaped).
+- :func:`feature_noise` (randomized feature defense, Algorithm 1): Gaussian noise of std ``nu``
+  added to marked hidden layers (default: the penultimate marked layer) through the Flax
+  ``perturbations`` collection. ``nu`` here is a *standard deviation*; the paper writes the
+  noise as ``N(0, nu I)`` with ``nu`` a variance, i.e. its ``nu`` is our ``nu**2``.
+- Baselines: :func:`quantize` (output quantization to 1..16 bits), :func:`correlated_noise`
+  (``v = alpha*F(x) + eps``, Aithal & Li Lemma 2 / Table 5) and :func:`resize_pad` (random
+  resize-and-pad, Xie et al. 2018).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -96,18 +106,37 @@ def output_noise(scorer: Scorer, sigma, space: str = "probs") -> Scorer:
     return scores
 
 
-def input_noise(scorer: Scorer, nu, clip: bool = False) -> Scorer:
+def _check_beta(scale):
+    if scale is None:
+        return None
+    try:
+        a, b = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a pair (alpha, beta) of Beta parameters, got {scale!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
+        raise ValueError(f"Beta parameters must be finite and > 0, got {scale!r}")
+    return a, b
+
+
+def input_noise(scorer: Scorer, nu, clip: bool = False, scale=None) -> Scorer:
     """Gaussian noise of std ``nu`` on the query image (SND / RND): the model sees ``x + nu*eta``.
 
-    With ``clip=True`` the noisy image is clipped to [0, 1]; the papers do not clip.
+    With ``clip=True`` the noisy image is clipped to [0, 1]; the papers do not clip. With
+    ``scale=(alpha, beta)`` the noise of each query is ``k*nu*eta`` with its own
+    ``k ~ Beta(alpha, beta)`` (SND Sec. 4.7).
     """
     nu = check_level("nu", nu)
+    scale = _check_beta(scale)
     if nu == 0.0:
         return scorer
 
     def scores(x, keys):
         mine, inner = _split_keys(keys)
-        xn = x + nu * _normal(mine, x.shape[1:], x.dtype)
+        eta = _normal(mine, x.shape[1:], x.dtype)
+        if scale is not None:
+            k = jax.vmap(lambda kk: jax.random.beta(jax.random.fold_in(kk, 1), scale[0], scale[1]))(mine)
+            eta = eta * k.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        xn = x + nu * eta
         if clip:
             xn = jnp.clip(xn, 0.0, 1.0)
         return scorer(xn, inner)
@@ -115,19 +144,164 @@ def input_noise(scorer: Scorer, nu, clip: bool = False) -> Scorer:
     return scores
 
 
-# name -> (builder(scorer, level) -> scorer, name of its level parameter)
-DEFENSES: dict[str, tuple[Callable[[Scorer, float], Scorer], str]] = {
-    "none": (lambda scorer, level: scorer, "level"),
-    "output_noise": (lambda scorer, level: output_noise(scorer, level, "probs"), "sigma"),
-    "output_noise_logits": (lambda scorer, level: output_noise(scorer, level, "logits"), "sigma"),
-    "input_noise": (lambda scorer, level: input_noise(scorer, level), "nu"),
-}
+def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
+    """Randomized feature defense (Algorithm 1): ``h_l(x) + nu_l * delta`` at marked layers.
+
+    ``nu`` is one std for every layer in ``layers`` (default: the penultimate marked layer, i.e.
+    the last mark before the logits), or a dict ``{layer: std}``. ``input_shape`` is the
+    per-image ``(H, W, C)``, used to find the marked layers and their shapes. This is a base
+    scorer (it replaces :func:`model_scorer`); other defenses compose on top of it.
+    """
+    from rnd_jax.models import PERTURBATIONS, feature_shapes
+
+    shapes = feature_shapes(model, tuple(input_shape))
+    names = list(shapes)
+    if not names:
+        raise ValueError("this model marks no hidden layer with perturb(); feature noise needs one")
+    if isinstance(nu, dict):
+        levels = dict(nu)
+    else:
+        chosen = [names[-1]] if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        levels = {name: nu for name in chosen}
+    unknown = [n for n in levels if n not in shapes]
+    if unknown or not levels:
+        raise ValueError(f"unknown or missing feature layer(s) {unknown}; this model marks {names}")
+    levels = {n: check_level(f"nu[{n}]", v) for n, v in levels.items()}
+    active = [n for n in names if levels.get(n, 0.0) > 0]
+    clean = model_scorer(model, params)
+    if not active:
+        return clean
+
+    def scores(x, keys):
+        mine, _ = _split_keys(keys)
+        pert = {}
+        for i, n in enumerate(names):
+            if n in active:
+                k = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(mine)
+                pert[n] = levels[n] * _normal(k, shapes[n], x.dtype)
+            else:
+                pert[n] = jnp.zeros((x.shape[0],) + shapes[n], x.dtype)
+        logits = model.apply({"params": params, PERTURBATIONS: pert}, x)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return scores
 
 
-def make_defense(name: str, level=0.0) -> Callable[[Scorer], Scorer]:
-    """A defense by registry name and noise level, validated now; apply it to a scorer later."""
+def quantize(scorer: Scorer, bits) -> Scorer:
+    """Output quantization: probabilities rounded to ``2**bits - 1`` equal steps (Lemma 2 baseline).
+
+    Deterministic: the noise it creates is a function of the clean output, which is why it does
+    not defend (Aithal & Li 2022, Lemma 2). 1 bit keeps only whether ``p >= 0.5``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"quantization bits must be an int in 1..16, got {bits!r}")
+    levels = float(2 ** bits - 1)
+
+    def scores(x, keys):
+        return jnp.round(scorer(x, keys) * levels) / levels
+
+    return scores
+
+
+def correlated_noise(scorer: Scorer, alpha, sigma=0.0) -> Scorer:
+    """Output-correlated noise ``v = alpha*F(x) + sigma*eps`` (Aithal & Li 2022, Lemma 2).
+
+    Answers ``min(|F(x) + v|, 1)`` with the paper's post-processing. The correlated part is a
+    deterministic rescaling of the answer, so only ``sigma`` randomizes the attacker's estimate.
+    """
+    alpha = check_level("alpha", alpha)
+    sigma = check_level("sigma", sigma)
+
+    def scores(x, keys):
+        mine, inner = _split_keys(keys)
+        p = scorer(x, inner)
+        v = alpha * p
+        if sigma > 0:
+            v = v + sigma * _normal(mine, p.shape[1:], p.dtype)
+        return jnp.minimum(jnp.abs(p + v), 1.0)
+
+    return scores
+
+
+def resize_pad(scorer: Scorer, max_extra) -> Scorer:
+    """Random resize-and-pad (Xie et al. 2018), per query.
+
+    An ``H x W`` image is resized (bilinear, ``jax.image.resize``) to ``(H + r) x (W + r)`` with
+    ``r`` uniform in ``0..max_extra``, zero-padded at a random offset to
+    ``(H + max_extra) x (W + max_extra)``, and — because our models take a fixed input size —
+    resized back to ``H x W`` before the model sees it. ``max_extra = 0`` is the identity.
+    """
+    if isinstance(max_extra, bool) or not isinstance(max_extra, int) or max_extra < 0:
+        raise ValueError(f"resize_pad max_extra must be an int >= 0 (pixels), got {max_extra!r}")
+    if max_extra == 0:
+        return scorer
+
+    def one(img, key):
+        h, w, c = img.shape
+        big = (h + max_extra, w + max_extra, c)
+        k_r, k_i, k_j = jax.random.split(key, 3)
+
+        def branch(r):
+            def f(off):
+                small = jax.image.resize(img, (h + r, w + r, c), "bilinear")
+                return jax.lax.dynamic_update_slice(jnp.zeros(big, img.dtype), small, (off[0], off[1], 0))
+            return f
+
+        r = jax.random.randint(k_r, (), 0, max_extra + 1)
+        room = max_extra - r
+        off = (jnp.floor(jax.random.uniform(k_i) * (room + 1)).astype(jnp.int32),
+               jnp.floor(jax.random.uniform(k_j) * (room + 1)).astype(jnp.int32))
+        padded = jax.lax.switch(r, [branch(i) for i in range(max_extra + 1)], off)
+        return jax.image.resize(padded, (h, w, c), "bilinear")
+
+    def scores(x, keys):
+        mine, inner = _split_keys(keys)
+        return scorer(jax.vmap(one)(x, mine), inner)
+
+    return scores
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseSpec:
+    """A defense family by name: ``build(model, params, level, input_shape, **options) -> Scorer``.
+
+    ``level`` is the family's noise parameter (``param``); ``calibratable`` families have a noise
+    level whose increase lowers clean accuracy, so :mod:`rnd_jax.calibrate` can bisect it.
+    """
+
+    name: str
+    param: str
+    build: Callable
+    calibratable: bool
+    options: tuple[str, ...] = ()
+
+
+def _on_clean(fn):
+    return lambda model, params, level, input_shape, **o: fn(model_scorer(model, params), level, **o)
+
+
+DEFENSES: dict[str, DefenseSpec] = {d.name: d for d in (
+    DefenseSpec("none", "level", lambda model, params, level, input_shape: model_scorer(model, params), False),
+    DefenseSpec("output_noise", "sigma", _on_clean(lambda s, v: output_noise(s, v, "probs")), True),
+    DefenseSpec("output_noise_logits", "sigma", _on_clean(lambda s, v: output_noise(s, v, "logits")), True),
+    DefenseSpec("input_noise", "nu", _on_clean(input_noise), True, ("clip", "scale")),
+    DefenseSpec("feature_noise", "nu",
+                lambda model, params, level, input_shape, layers=None: feature_noise(model, params, level, input_shape,
+                                                                                  layers), True, ("layers",)),
+    DefenseSpec("quantize", "bits", _on_clean(quantize), False),
+    DefenseSpec("correlated_noise", "alpha", _on_clean(correlated_noise), False, ("sigma",)),
+    DefenseSpec("resize_pad", "max_extra", _on_clean(resize_pad), False),
+)}
+
+
+def build_defense(name: str, model, params, level, input_shape, **options) -> Scorer:
+    """The defended scorer of family ``name`` at ``level``; validated now, before any tracing."""
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; choose one of {sorted(DEFENSES)}")
-    builder, param = DEFENSES[name]
-    level = check_level(param, level)
-    return lambda scorer: builder(scorer, level)
+    spec = DEFENSES[name]
+    bad = sorted(set(options) - set(spec.options))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} for defense {name!r}; valid: {list(spec.options)}")
+    if name == "none":
+        return spec.build(model, params, level, input_shape)
+    return spec.build(model, params, level, tuple(input_shape), **options)

@@ -3,7 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rnd_jax.defenses import DEFENSES, input_noise, make_defense, output_noise
+import flax.linen as nn
+
+from rnd_jax.defenses import (DEFENSES, build_defense, correlated_noise, feature_noise, input_noise, output_noise,
+                              quantize, resize_pad)
 from rnd_jax.oracle import query_keys
 
 K = 10
@@ -24,13 +27,19 @@ def draw(scorer, n, seed=0, shape=(8, 8, 1), fill=0.5):
     return np.asarray(scorer(x, query_keys(jax.random.key(seed), 0, n)), np.float64)
 
 
-def test_zero_level_is_exactly_clean(clean_scorer, digits_test):
+def test_zero_level_is_exactly_clean(clean_scorer, digits_model, digits_test):
+    model, params = digits_model
     x = jnp.asarray(digits_test[0][:32])
     ks = query_keys(jax.random.key(0), 0, 32)
     ref = np.asarray(clean_scorer(x, ks))
     for defense in (lambda s: output_noise(s, 0.0), lambda s: output_noise(s, 0.0, "logits"),
-                    lambda s: input_noise(s, 0.0), make_defense("output_noise", 0.0)):
+                    lambda s: input_noise(s, 0.0), lambda s: input_noise(s, 0.0, scale=(2, 2)),
+                    lambda s: correlated_noise(s, 0.0), lambda s: resize_pad(s, 0)):
         np.testing.assert_array_equal(np.asarray(defense(clean_scorer)(x, ks)), ref)
+    for name in ("none", "output_noise", "output_noise_logits", "input_noise", "feature_noise"):
+        np.testing.assert_array_equal(np.asarray(build_defense(name, model, params, 0.0, (8, 8, 1))(x, ks)), ref)
+    np.testing.assert_array_equal(np.asarray(feature_noise(model, params, {"conv1": 0.0, "dense1": 0.0},
+                                                           (8, 8, 1))(x, ks)), ref)
 
 
 def _check_moments(samples, mean, std):
@@ -94,19 +103,106 @@ def test_composed_defenses_draw_independent_noise():
     _check_moments(twice.ravel(), 0.5, 0.01 * np.sqrt(2))  # correlated draws would give std 0.02
 
 
+def test_input_noise_beta_scale_moments():
+    """k*nu*eta with k ~ Beta(a, b): mean 0, variance nu^2 E[k^2], E[k^2] = ab/((a+b)^2(a+b+1)) + (a/(a+b))^2."""
+    nu = 0.1
+    for a, b in ((1.0, 1.0), (2.0, 2.0), (0.5, 0.5)):
+        d = (draw(input_noise(identity_scorer, nu, scale=(a, b)), 3000, fill=0.5) - 0.5).ravel()
+        ek2 = a * b / ((a + b) ** 2 * (a + b + 1)) + (a / (a + b)) ** 2
+        var = np.mean(d ** 2)
+        se_var = np.sqrt(np.mean((d ** 2 - var) ** 2) / d.size) * np.sqrt(64)  # 64 pixels share one k per query
+        assert abs(d.mean()) < 5 * np.sqrt(var * 64 / d.size)
+        assert abs(var - nu ** 2 * ek2) < 5 * se_var, (a, b, var, nu ** 2 * ek2)
+
+
+class LinearProbe(nn.Module):
+    """Logits = a marked copy of the first 10 pixels: feature noise shows up unchanged in the logits."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        w = self.param("w", nn.initializers.ones, ())
+        h = self.perturb("feat", x.reshape(x.shape[0], -1)[:, :10] * w)
+        return self.perturb("head", h * w)
+
+
+def test_feature_noise_moments_and_layer_choice():
+    model = LinearProbe()
+    params = {"w": jnp.ones(())}
+    nu = 0.2
+    x = jnp.full((3000, 8, 8, 1), 0.5)
+    ks = query_keys(jax.random.key(1), 0, 3000)
+    for layers in (None, "feat", ["feat", "head"]):
+        out = np.asarray(feature_noise(model, params, nu, (8, 8, 1), layers)(x, ks), np.float64)
+        d = np.log(out[:, 1:]) - np.log(out[:, :1])  # logit differences: nu*(delta_i - delta_0) per noisy layer
+        n_layers = 2 if isinstance(layers, list) else 1
+        _check_moments(d.ravel(), 0.0, nu * np.sqrt(2 * n_layers))
+    with pytest.raises(ValueError, match="feat"):
+        feature_noise(model, params, nu, (8, 8, 1), "conv9")
+    with pytest.raises(ValueError):
+        feature_noise(model, params, {"feat": -1.0}, (8, 8, 1))
+
+
+def test_quantize_rounds_to_the_grid():
+    p = np.array([0.0, 0.1, 0.2, 0.34, 0.5, 0.66, 0.9, 1.0, 0.3, 0.05])
+    for bits in (1, 2, 4, 8, 16):
+        out = draw(quantize(const_scorer(p), bits), 2)[0]
+        levels = 2 ** bits - 1
+        np.testing.assert_allclose(out * levels, np.round(out * levels), atol=1e-3)
+        assert np.max(np.abs(out - p)) <= 0.5 / levels + 1e-6
+    for bad in (0, 17, 2.5, True, "8"):
+        with pytest.raises(ValueError):
+            quantize(identity_scorer, bad)
+
+
+def test_correlated_noise_is_a_rescaling_plus_white_part():
+    p = np.linspace(0.01, 0.19, K)
+    np.testing.assert_allclose(draw(correlated_noise(const_scorer(p), 0.1), 3), np.tile(1.1 * p, (3, 1)), rtol=1e-6)
+    out = draw(correlated_noise(const_scorer(np.full(K, 0.5)), 0.1, 0.01), 3000)
+    _check_moments(out.ravel(), 0.55, 0.01)
+
+
+def test_resize_pad_is_random_per_query_and_keeps_shape():
+    s = resize_pad(identity_scorer, 2)
+    x = jnp.tile(jnp.linspace(0, 1, 64).reshape(1, 8, 8, 1), (64, 1, 1, 1))
+    ks = query_keys(jax.random.key(0), 0, 64)
+    out = np.asarray(s(x, ks))
+    assert out.shape == (64, 64) and np.all(np.isfinite(out))
+    assert len({row.tobytes() for row in out.round(6)}) > 3  # several sizes/offsets drawn
+    np.testing.assert_array_equal(out, np.asarray(s(x, ks)))  # a function of the query keys
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError):
+            resize_pad(identity_scorer, bad)
+
+
 @pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf"), "x", None])
-def test_bad_levels_raise(bad):
+def test_bad_levels_raise(bad, digits_model):
+    model, params = digits_model
     with pytest.raises(ValueError):
         output_noise(identity_scorer, bad)
     with pytest.raises(ValueError):
         input_noise(identity_scorer, bad)
     with pytest.raises(ValueError):
-        make_defense("output_noise", bad)
+        correlated_noise(identity_scorer, bad)
+    for name in ("output_noise", "input_noise", "feature_noise"):
+        with pytest.raises(ValueError):
+            build_defense(name, model, params, bad, (8, 8, 1))
 
 
-def test_unknown_names_raise_listing_choices():
+@pytest.mark.parametrize("scale", [(0, 1), (1, -2), (float("nan"), 1), "x", (1,)])
+def test_bad_beta_parameters_raise(scale):
+    with pytest.raises(ValueError, match="Beta|pair"):
+        input_noise(identity_scorer, 0.1, scale=scale)
+
+
+def test_unknown_names_raise_listing_choices(digits_model):
+    model, params = digits_model
     with pytest.raises(ValueError, match="probs"):
         output_noise(identity_scorer, 0.1, "softmax")
     with pytest.raises(ValueError, match="input_noise"):
-        make_defense("jpeg", 0.1)
-    assert set(DEFENSES) >= {"none", "output_noise", "output_noise_logits", "input_noise"}
+        build_defense("jpeg", model, params, 0.1, (8, 8, 1))
+    with pytest.raises(ValueError, match="dense1"):
+        build_defense("feature_noise", model, params, 0.1, (8, 8, 1), layers="conv7")
+    with pytest.raises(ValueError, match="valid"):
+        build_defense("output_noise", model, params, 0.1, (8, 8, 1), layers="conv1")
+    assert set(DEFENSES) >= {"none", "output_noise", "output_noise_logits", "input_noise", "feature_noise",
+                             "quantize", "correlated_noise", "resize_pad"}
