@@ -32,9 +32,7 @@ from experiments.common import table, write_csv, write_json
 from rnd_jax import data, models, train
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, model_scorer, output_noise
-from rnd_jax.evaluate import (Protocol, defended_accuracy, image_keys, make_runner, per_image,
-                              select_images, summarize, validate_selection)
-from rnd_jax.oracle import Oracle
+from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
 from rnd_jax.plots import asr_vs_level
 
 DEFAULT_SIGMAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -134,17 +132,14 @@ def main(argv=None) -> dict:
     rows, images, timing = [], {}, {}
     for sigma in tqdm(cfg["sigmas"], desc="sigma", disable=not show):
         defended = output_noise(clean, sigma, cfg["noise_space"])
-        oracle = Oracle(defended, "scores")
-        validate_selection(attack, oracle, protocol, sel)
         t0 = time.time()
-        runner = jax.jit(make_runner(attack, oracle, clean, protocol))
-        res, votes, clean_pred = jax.block_until_ready(runner(sel.images, sel.labels, sel.targets, ka, kd, kc))
-        row = {"sigma": sigma, **summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries)}
+        metrics, records = evaluate_cell(attack, defended, clean, sel, (ka, kd, kc), protocol)
+        row = {"sigma": sigma, **metrics}
         accs = defended_accuracy(defended, x_test, y_test, k_def_acc, protocol.acc_draws)
         row.update(acc_clean=acc_clean, acc_defended_mean=float(accs.mean()), acc_defended_worst=float(accs.min()),
                    l2_per_pixel_e4=row["l2_per_pixel"] * 1e4)
         rows.append(row)
-        images[f"{sigma:g}"] = per_image(sel, res, votes, clean_pred)
+        images[f"{sigma:g}"] = records
         timing[f"{sigma:g}"] = time.time() - t0
 
     print(table(rows, COLUMNS))

@@ -50,8 +50,23 @@ Scorer = Callable[[jax.Array, jax.Array], jax.Array]
 OUTPUT_SPACES = ("probs", "logits")
 
 
+def _traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _is_zero(value) -> bool:
+    """True for a concrete zero level (the defense is then the identity); False when traced."""
+    return not _traced(value) and value == 0.0
+
+
 def check_level(name: str, value) -> float:
-    """Validate a noise level: a finite real number >= 0. Returns it as a Python float."""
+    """Validate a noise level: a finite real number >= 0. Returns it as a Python float.
+
+    A traced level (a defense built inside ``jit``/``vmap``, e.g. to sweep or bisect the level
+    without recompiling) is returned as is: validate the concrete values before tracing.
+    """
+    if _traced(value):
+        return value
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -91,7 +106,7 @@ def output_noise(scorer: Scorer, sigma, space: str = "probs") -> Scorer:
     sigma = check_level("sigma", sigma)
     if space not in OUTPUT_SPACES:
         raise ValueError(f"unknown output-noise space {space!r}; choose one of {OUTPUT_SPACES}")
-    if sigma == 0.0:
+    if _is_zero(sigma):
         return scorer
 
     def scores(x, keys):
@@ -127,7 +142,7 @@ def input_noise(scorer: Scorer, nu, clip: bool = False, scale=None) -> Scorer:
     """
     nu = check_level("nu", nu)
     scale = _check_beta(scale)
-    if nu == 0.0:
+    if _is_zero(nu):
         return scorer
 
     def scores(x, keys):
@@ -167,7 +182,7 @@ def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
     if unknown or not levels:
         raise ValueError(f"unknown or missing feature layer(s) {unknown}; this model marks {names}")
     levels = {n: check_level(f"nu[{n}]", v) for n, v in levels.items()}
-    active = [n for n in names if levels.get(n, 0.0) > 0]
+    active = [n for n in names if n in levels and not _is_zero(levels[n])]
     clean = model_scorer(model, params)
     if not active:
         return clean
@@ -216,7 +231,7 @@ def correlated_noise(scorer: Scorer, alpha, sigma=0.0) -> Scorer:
         mine, inner = _split_keys(keys)
         p = scorer(x, inner)
         v = alpha * p
-        if sigma > 0:
+        if not _is_zero(sigma):
             v = v + sigma * _normal(mine, p.shape[1:], p.dtype)
         return jnp.minimum(jnp.abs(p + v), 1.0)
 

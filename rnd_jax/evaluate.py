@@ -151,8 +151,8 @@ def summarize(sel: Selection, res: Result, votes, clean_pred, targeted: bool, ch
     delta = (np.asarray(res.x_adv) - sel.images).reshape(len(q), -1)
     l2 = np.linalg.norm(delta, axis=1)
     linf = np.abs(delta).max(axis=1)
-    within = np.ones(len(q), bool) if eps is None else ((linf if norm == "linf" else l2) <= eps + 1e-5)
-    success = (votes * check_queries > check_queries / 2) & within
+    within = _within(sel, res, eps, norm)
+    success = _success(votes, check_queries) & within
     fooled_clean = ((clean_pred == sel.targets) if targeted else (clean_pred != sel.labels)) & within
     s = success
     return {
@@ -190,3 +190,37 @@ def validate_selection(attack: Attack, oracle: Oracle, protocol: Protocol, sel: 
         raise ValueError("attack and protocol disagree on targeted vs untargeted")
     validate(attack, oracle, protocol.budget, sel.images, sel.labels,
              sel.targets if protocol.targeted else None)
+
+
+def evaluate_cell(attack: Attack, defended: Scorer, clean: Scorer, sel: Selection, keys, protocol: Protocol,
+                  budgets=(), output: str | None = None):
+    """Run one (attack, defense) cell of the protocol: validate, jit once, run, summarize.
+
+    ``keys = (ka, kd, kc)`` from :func:`image_keys`. ``budgets`` adds ``asr_at_<B>`` (success with
+    at most ``B`` budgeted queries) for each ``B <= protocol.budget``. Returns
+    ``(metrics, per_image_records)``.
+    """
+    oracle = Oracle(defended, output or attack.output)
+    validate_selection(attack, oracle, protocol, sel)
+    ka, kd, kc = keys
+    runner = jax.jit(make_runner(attack, oracle, clean, protocol))
+    res, votes, clean_pred = jax.block_until_ready(runner(sel.images, sel.labels, sel.targets, ka, kd, kc))
+    row = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
+                    protocol.norm)
+    q = np.asarray(res.queries)
+    ok = _success(votes, protocol.check_queries) & _within(sel, res, protocol.eps, protocol.norm)
+    for b in budgets:
+        row[f"asr_at_{b}"] = float(np.mean(ok & (q <= b)))
+    return row, per_image(sel, res, votes, clean_pred)
+
+
+def _success(votes, m):
+    return np.asarray(votes) * m > m / 2
+
+
+def _within(sel, res, eps, norm):
+    d = (np.asarray(res.x_adv) - sel.images).reshape(len(sel.labels), -1)
+    if eps is None:
+        return np.ones(len(sel.labels), bool)
+    dist = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
+    return dist <= eps + 1e-5
