@@ -254,3 +254,24 @@ def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tu
         for p, leaf in jax.tree_util.tree_flatten_with_path(variables.get(PERTURBATIONS, {}))[0]
     }
     return {name: flat[name] for name in perturb_names(model, input_shape)}
+
+
+def input_and_feature_grad_norms(model: nn.Module, params, x: jax.Array, labels: jax.Array):
+    """Per-example L2 norms of the gradient of the clean cross-entropy at ``x`` and at each mark.
+
+    Returns ``(g_x f32[B], {name: g_h f32[B]})`` with ``g_x = ||grad_x L||`` and
+    ``g_h = ||grad_{h(x)} L||`` for every ``perturb``-marked layer, ``L = -log softmax(f(x))_y``
+    summed over the batch (so each example's gradient is its own). These are the norms in the
+    randomized feature defense's Theorem 1 ratio ``2 nu ||grad_h||^2 / (mu ||grad_x||^2)``.
+    """
+    shapes = feature_shapes(model, x.shape[1:])
+    zeros = {n: jnp.zeros((x.shape[0],) + s, x.dtype) for n, s in shapes.items()}
+
+    def loss(xx, pert):
+        logits = model.apply({"params": params, PERTURBATIONS: pert}, xx)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+    gx, gh = jax.grad(loss, argnums=(0, 1))(x, zeros)
+    norm = lambda g: jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1))
+    return norm(gx), {n: norm(gh[n]) for n in shapes}

@@ -1,0 +1,281 @@
+"""Defenses compared at equal clean-accuracy cost, per layer, and against non-random baselines.
+
+Mirrors, on our model and data:
+
+- randomized feature defense (RFD) Tables 1-2: output, input and feature noise calibrated to a
+  ~1% and ~2% drop of expected clean accuracy (:mod:`rnd_jax.calibrate`), then attacked
+  (untargeted) by score-based attacks; robust accuracy (the share of the correctly classified
+  images the attack did not fool, by the protocol's majority-of-9 check) and ASR at 1 000 and
+  10 000 queries;
+- RFD Tables 6/14: feature noise at each marked layer alone, calibrated to the same drop, with the
+  mean ratio ``||grad_h L|| / ||grad_x L||`` of the clean model on the attacked images and NES's
+  robust accuracy;
+- Aithal & Li Table 5 / Lemma 2: targeted NES under output quantization (8/4/2 bits) and
+  output-correlated noise ``v = alpha F(x) + eps``, beside white output noise of the same output
+  SNR as each quantization (``sigma = Delta/sqrt(12)``, ``Delta = 1/(2^bits - 1)``), with the
+  cross-entropy and the C&W loss.
+
+Default run (digits, 50 images; about 10 minutes on 2 CPU cores)::
+
+    python -m experiments.defense_comparison --out runs/defense_comparison
+
+Outputs under ``--out``: ``results.json`` (every table and the calibrations), ``results.csv``
+(main table), ``layers.csv``, ``baselines.csv``, ``calibration.csv``, ``config.json``,
+``robust_accuracy.png`` and ``timing.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from experiments.common import table, write_csv, write_json  # noqa: E402
+from rnd_jax import data, models, train  # noqa: E402
+from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
+from rnd_jax.calibrate import calibrate  # noqa: E402
+from rnd_jax.defenses import build_defense, model_scorer  # noqa: E402
+from rnd_jax.evaluate import Protocol, evaluate_cell, image_keys, select_images  # noqa: E402
+
+FAMILIES = ("output_noise", "input_noise", "feature_noise")
+DEFAULT_ATTACKS = ("nes", "square_linf", "signhunter")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.defense_comparison",
+                                description="Defenses at equal clean-accuracy drop vs score-based attacks "
+                                            "(RFD Tables 1/2/6/14, Aithal & Li Table 5).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
+    p.add_argument("--model", default=None, help="default: the dataset's model")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help=f"score attacks for the main table, or 'all'; default: those of {DEFAULT_ATTACKS} registered")
+    p.add_argument("--n-images", type=int, default=50)
+    p.add_argument("--budgets", type=int, nargs="+", default=[1_000, 10_000], help="query budgets (the largest is run)")
+    p.add_argument("--drops", type=float, nargs="+", default=[0.01, 0.02], help="clean-accuracy drops to calibrate to")
+    p.add_argument("--layer-drop", type=float, default=0.02, help="accuracy drop for the per-layer table")
+    p.add_argument("--layers", nargs="+", default=None, help="marked layers for the per-layer table (default: all)")
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2], help="quantization bits for the baseline table")
+    p.add_argument("--alphas", type=float, nargs="+", default=[1e-3, 1e-1], help="correlated-noise alphas")
+    p.add_argument("--corr-eps", type=float, default=1e-6, help="std of the white part of correlated noise")
+    p.add_argument("--draws", type=int, default=20, help="noise draws for calibration / defended accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--out", default="runs/defense_comparison")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def configure(args) -> dict:
+    if args.smoke:
+        args.n_images, args.budgets, args.draws, args.bits, args.alphas = 4, [510], 4, [2], []
+        args.drops, args.attacks = [0.02], args.attacks or ["nes"]
+    ds = data.info(args.dataset)
+    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
+    models.get_model(model_name, ds.num_classes)
+    score = sorted(n for n, s in ATTACKS.items() if s.family == "score" and s.supports_untargeted)
+    if args.attacks in (None, ["all"]):
+        attacks = score if args.attacks else [a for a in DEFAULT_ATTACKS if a in score]
+    else:
+        attacks = list(args.attacks)
+        bad = [a for a in attacks if a not in score]
+        if bad:
+            raise ValueError(f"unknown or non-score/untargeted attack(s) {bad}; choose from {score}")
+    for d in list(args.drops) + [args.layer_drop]:
+        if not 0 < d < 1:
+            raise ValueError(f"accuracy drops must be in (0, 1), got {d}")
+    if not args.budgets or min(args.budgets) <= 0:
+        raise ValueError("budgets must be positive")
+    for b in args.bits:
+        if not 1 <= b <= 16:
+            raise ValueError(f"bits must be in 1..16, got {b}")
+    for a in list(args.alphas) + [args.corr_eps]:
+        if not (math.isfinite(a) and a >= 0):
+            raise ValueError(f"alphas and --corr-eps must be finite and >= 0, got {a}")
+    if args.n_images <= 0 or args.draws <= 0:
+        raise ValueError("--n-images and --draws must be positive")
+    marked = models.perturb_names(models.get_model(model_name, ds.num_classes), ds.image_shape)
+    if args.smoke and args.layers is None:
+        args.layers = [marked[-1]]
+    layers = list(args.layers or marked)
+    bad = [layer for layer in layers if layer not in marked]
+    if bad:
+        raise ValueError(f"unknown layer(s) {bad}; {model_name} marks {list(marked)}")
+    return {"experiment": "defense_comparison", "dataset": args.dataset, "model": model_name,
+            "num_classes": ds.num_classes, "image_shape": list(ds.image_shape), "attacks": attacks,
+            "budgets": sorted(args.budgets), "drops": list(args.drops), "layer_drop": args.layer_drop,
+            "layers": layers, "bits": list(args.bits), "alphas": list(args.alphas), "corr_eps": args.corr_eps,
+            "n_images": args.n_images, "draws": args.draws, "seed": args.seed, "train_seed": args.train_seed}
+
+
+def main(argv=None) -> dict:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = configure(args)
+    except ValueError as e:
+        parser.error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    show = not args.no_progress
+    t_start = time.time()
+    timing = {}
+
+    _, k_data, k_attack, k_defense = jax.random.split(jax.random.key(args.seed), 4)
+    k_def_images, k_calib = jax.random.split(k_defense)
+    tcfg = train.TrainConfig(seed=args.train_seed)
+    model, params = train.load_or_train(cfg["model"], cfg["dataset"], tcfg, cache_dir=args.cache_dir,
+                                        data_dir=args.data_dir, progress=show)
+    cfg["train"] = dataclasses.asdict(tcfg)
+    clean = model_scorer(model, params)
+    shape = tuple(cfg["image_shape"])
+    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
+    x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
+    surrogate = None
+    if any("surrogate" in ATTACKS[a].needs for a in cfg["attacks"]):
+        s_model, s_params = train.load_or_train(cfg["model"], cfg["dataset"], dataclasses.replace(tcfg, seed=tcfg.seed + 1),
+                                                cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
+        surrogate = model_scorer(s_model, s_params)
+    ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), cfg["num_classes"], surrogate)
+    write_json(out / "config.json", cfg)
+    budget = max(cfg["budgets"])
+
+    sel_u = select_images(k_data, clean, x_test, y_test, cfg["n_images"], False, cfg["num_classes"])
+    sel_t = select_images(k_data, clean, x_test, y_test, cfg["n_images"], True, cfg["num_classes"])
+    keys_u = image_keys(k_attack, k_def_images, sel_u.index)
+    keys_t = image_keys(k_attack, k_def_images, sel_t.index)
+
+    def attack_cell(name, defended, targeted=False, sel=sel_u, keys=keys_u, **overrides):
+        spec = ATTACKS[name]
+        conf = {k: v for k, v in spec.battery.items() if k != "budget"} | overrides | {"targeted": targeted}
+        attack = make_attack(name, ctx, **conf)
+        protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=budget, eps=conf.get("eps"),
+                            norm=conf.get("norm", "linf"), acc_draws=cfg["draws"])
+        row, _ = evaluate_cell(attack, defended, clean, sel, keys, protocol, cfg["budgets"])
+        return row
+
+    # 1. calibration
+    t0 = time.time()
+    calibs = []
+    for fam in tqdm(FAMILIES, desc="calibrate", disable=not show):
+        for d in cfg["drops"]:
+            c = calibrate(model, params, fam, d, x_test, y_test, k_calib, draws=cfg["draws"])
+            calibs.append({"family": fam, "target_drop": d, "level": c.level, "accuracy": c.accuracy,
+                           "clean_accuracy": c.clean_accuracy, "drop": c.drop, "evaluations": c.evaluations})
+    timing["calibration"] = time.time() - t0
+
+    # 2. main table
+    t0 = time.time()
+    cells = [("none", 0.0, None, calibs[0]["clean_accuracy"])]
+    cells += [(c["family"], c["level"], c["target_drop"], c["accuracy"]) for c in calibs]
+    main_rows = []
+    total = len(cells) * len(cfg["attacks"])
+    with tqdm(total=total, desc="attack x defense", disable=not show) as bar:
+        for fam, level, drop, acc in cells:
+            defended = build_defense(fam, model, params, level, shape)
+            row = {"defense": fam, "target_drop": drop, "level": level, "accuracy": acc}
+            for a in cfg["attacks"]:
+                r = attack_cell(a, defended)
+                for b in cfg["budgets"]:
+                    row[f"{a}_asr_{b}"] = r[f"asr_at_{b}"]
+                    row[f"{a}_robust_{b}"] = 1.0 - r[f"asr_at_{b}"]
+                row[f"{a}_queries_mean"] = r["queries_mean"]
+                bar.update()
+            main_rows.append(row)
+    timing["main_table"] = time.time() - t0
+
+    # 3. per-layer feature noise
+    t0 = time.time()
+    layer_rows = []
+    gx, gh = models.input_and_feature_grad_norms(model, params, jnp.asarray(sel_u.images), jnp.asarray(sel_u.labels))
+    for layer in tqdm(cfg["layers"], desc="layers", disable=not show):
+        c = calibrate(model, params, "feature_noise", cfg["layer_drop"], x_test, y_test, k_calib, draws=cfg["draws"],
+                      layers=layer)
+        r = attack_cell("nes", build_defense("feature_noise", model, params, c.level, shape, layers=layer))
+        layer_rows.append({"layer": layer, "nu": c.level, "accuracy": c.accuracy,
+                           "grad_ratio": float(np.mean(np.asarray(gh[layer] / gx))),
+                           **{f"nes_robust_{b}": 1.0 - r[f"asr_at_{b}"] for b in cfg["budgets"]}})
+    timing["layers"] = time.time() - t0
+
+    # 4. quantization / correlated noise vs white noise of matched output SNR (targeted NES)
+    t0 = time.time()
+    base = [] if args.smoke else [("none", "none", 0.0, {})]
+    base += [(f"quantize {b} bit", "quantize", b, {}) for b in cfg["bits"]]
+    base += [(f"white sigma={1 / (2 ** b - 1) / math.sqrt(12):.2g} (SNR of {b} bit)", "output_noise",
+              1 / (2 ** b - 1) / math.sqrt(12), {}) for b in cfg["bits"]]
+    base += [(f"correlated alpha={a:g}", "correlated_noise", a, {"sigma": cfg["corr_eps"]}) for a in cfg["alphas"]]
+    base_rows = []
+    for label, fam, level, opts in tqdm(base, desc="baselines", disable=not show):
+        defended = build_defense(fam, model, params, level, shape, **opts)
+        row = {"defense": label}
+        for loss in ("xent", "cw"):
+            r = attack_cell("nes", defended, targeted=True, sel=sel_t, keys=keys_t, loss=loss)
+            row[f"nes_{loss}_asr"] = r["asr"]
+            row[f"nes_{loss}_queries_mean"] = r["queries_mean"]
+        base_rows.append(row)
+    timing["baselines"] = time.time() - t0
+
+    b_lo, b_hi = cfg["budgets"][0], cfg["budgets"][-1]
+    cols = [("defense", "defense", "s"), ("target_drop", "drop", ".2f"), ("level", "level", ".4g"),
+            ("accuracy", "acc", ".4f")]
+    for a in cfg["attacks"]:
+        cols += [(f"{a}_robust_{b}", f"{a}@{b}", ".2f") for b in cfg["budgets"]]
+    print("Robust accuracy (share of attacked images not fooled) at each budget:")
+    print(table(main_rows, cols))
+    print("\nFeature noise at each layer alone:")
+    print(table(layer_rows, [("layer", "layer", "s"), ("nu", "nu", ".4g"), ("accuracy", "acc", ".4f"),
+                             ("grad_ratio", "|g_h|/|g_x|", ".3f")] +
+                [(f"nes_robust_{b}", f"nes@{b}", ".2f") for b in cfg["budgets"]]))
+    print("\nTargeted NES vs non-random baselines (ASR):")
+    print(table(base_rows, [("defense", "defense", "s"), ("nes_xent_asr", "xent", ".2f"), ("nes_cw_asr", "cw", ".2f")]))
+    print(f"results in {out}/", file=sys.stderr)
+
+    results = {"config": cfg, "calibration": calibs, "main": main_rows, "layers": layer_rows, "baselines": base_rows}
+    write_json(out / "results.json", results)
+    write_csv(out / "results.csv", main_rows, list(main_rows[0]))
+    write_csv(out / "layers.csv", layer_rows, list(layer_rows[0]))
+    write_csv(out / "baselines.csv", base_rows, list(base_rows[0]))
+    write_csv(out / "calibration.csv", calibs, list(calibs[0]))
+    _plot(main_rows, cfg["attacks"], b_lo, b_hi, out / "robust_accuracy.png")
+    timing["total"] = time.time() - t_start
+    write_json(out / "timing.json", timing)
+    return results
+
+
+def _plot(rows, attacks, b_lo, b_hi, path):
+    labels = [r["defense"] if r["target_drop"] is None else f"{r['defense']}\n~{100 * r['target_drop']:g}%"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    width = 0.8 / max(1, len(attacks))
+    for i, a in enumerate(attacks):
+        xs = np.arange(len(rows)) + i * width
+        ax.bar(xs, [100 * r[f"{a}_robust_{b_hi}"] for r in rows], width, label=f"{a} @ {b_hi}")
+        ax.scatter(xs, [100 * r[f"{a}_robust_{b_lo}"] for r in rows], color="k", s=10, zorder=3,
+                   label=f"@ {b_lo}" if i == 0 else None)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, labels, fontsize=7)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from experiments import defense_comparison as exp
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        exp.main(["--help"])
+    assert e.value.code == 0 and "--drops" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--drops", "0"], ["--drops", "1.5"], ["--attacks", "nope"], ["--bits", "0"],
+                                  ["--budgets", "0"], ["--alphas", "-1"], ["--dataset", "x"],
+                                  ["--layers", "conv9"]])
+def test_bad_options_exit_before_work(argv, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        exp.main(argv + ["--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_smoke(tmp_path, digits_model, cache_dir):
+    out = tmp_path / "dc"
+    exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress"])
+    for f in ("results.json", "results.csv", "layers.csv", "baselines.csv", "calibration.csv", "config.json",
+              "robust_accuracy.png", "timing.json"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    assert [r["defense"] for r in res["main"]][0] == "none"
+    assert len(res["main"]) == 1 + 3 and [r["layer"] for r in res["layers"]] == ["dense1"]
+    assert [r["defense"] for r in res["baselines"]][0] == "quantize 2 bit"
+    for c in res["calibration"]:
+        assert 0 <= c["target_drop"] - c["drop"] <= 0.003
+    none = res["main"][0]
+    assert none["nes_robust_510"] <= 0.5  # undefended NES fools most images even at 510 queries
