@@ -41,7 +41,8 @@ def accuracy_fn(model, params, family: str, images, labels, key, draws: int, **o
     shape = tuple(images.shape[1:])
     n = len(labels)
 
-    def acc(level):
+    @jax.jit
+    def acc(level, images, labels):  # data as arguments: closed-over arrays would be constant-folded
         scorer = build_defense(family, model, params, level, shape, **options)
 
         def one(d):
@@ -50,7 +51,7 @@ def accuracy_fn(model, params, family: str, images, labels, key, draws: int, **o
 
         return jnp.mean(jax.lax.map(one, jnp.arange(draws)))
 
-    return jax.jit(acc)
+    return lambda level: acc(level, images, labels)
 
 
 def calibrate(model, params, family: str, target_drop: float, images, labels, key, draws: int = 20,
