@@ -1,0 +1,345 @@
+"""The attack zoo: every registered score-based attack against output noise and input noise.
+
+For each score attack of the registry (``rnd_jax.attacks.ATTACKS``, family ``"score"`` — new attack
+modules join automatically) and each defense cell — the undefended model, output noise of std
+sigma on the probabilities (Aithal & Li 2022, post-processed ``min(|F(x) + sigma*v|, 1)``), and
+input noise of std nu on the query image (SND, Byun et al. 2022) — the attack runs on
+``--n-images`` correctly classified test images with its registered battery configuration (its
+norm, eps and documented query budget). The table has the shape of Aithal & Li's Tables 2/9 and
+SND's Table 3: ASR, mean queries and L2 distortion per attack and noise level. The protocol is
+:mod:`rnd_jax.evaluate`'s: ``asr`` — the final point fools a majority of 9 extra defended queries
+and lies within the attack's eps-ball; ``asr_clean`` (fools the undefended model); ``asr_lucky``
+(the attack's own belief); queries of successes (budgeted queries only, success checks included);
+the 9 evaluation queries per image are not part of any budget and are reported on their own
+(``check_queries``); distortion; defended clean accuracy over ``--acc-draws`` noise draws.
+
+sigma = 0 and nu = 0 are the same undefended cell; it runs once. All cells share the images,
+targets and keys (common random numbers), so differences between cells come from the defense.
+P-RGF's transfer prior comes from a surrogate trained separately on the training split
+(``--surrogate-seed``, default 1, and optionally ``--surrogate-model``).
+
+Default run (digits, targeted, 50 images, 13 attacks x 6 cells, sigma in {0, 1e-4, 1e-3, 1e-2}, nu in
+{0, 1e-3, 1e-2}; about 13 minutes wall and 9 CPU-minutes on 2 shared CPU cores; each cell compiles its
+own runner, at XLA backend optimisation level 1 by default, which compiles several times faster than
+XLA's default level with about the same run time)::
+
+    python -m experiments.attack_zoo --out runs/attack_zoo
+
+Outputs under ``--out``: ``results.json`` (config, one row per attack x cell, per-image records;
+the same seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_noise.png``
+and ``timing.json`` (wall-clock seconds per cell, kept apart so results stay reproducible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from experiments.common import table, write_csv, write_json
+from rnd_jax import data, models, plots, train
+from rnd_jax.attacks import ATTACKS, Context, make_attack
+from rnd_jax.defenses import check_level, input_noise, model_scorer, output_noise
+from rnd_jax.evaluate import (Protocol, defended_accuracy, image_keys, make_runner, per_image, select_images,
+                              summarize, validate_selection)
+from rnd_jax.oracle import Oracle
+
+plt = plots.plt  # the headless (Agg) pyplot configured by rnd_jax.plots
+
+DEFAULT_SIGMAS = (0.0, 1e-4, 1e-3, 1e-2)
+DEFAULT_NUS = (0.0, 1e-3, 1e-2)
+SMOKE_BUDGET = 200  # per attack in --smoke (at least two steps of the attack)
+
+COLUMNS = [
+    ("attack", "attack", "s"), ("goal", "goal", "s"), ("defense", "defense", "s"), ("level", "level", ".0e"),
+    ("norm", "norm", "s"), ("eps", "eps", "g"), ("budget", "budget", "d"),
+    ("asr", "asr", ".2f"), ("asr_clean", "asr_clean", ".2f"), ("asr_lucky", "asr_lucky", ".2f"),
+    ("queries_mean", "q_mean", ".0f"), ("queries_median", "q_median", ".0f"), ("l2", "L2", ".3f"),
+    ("linf", "Linf", ".3f"), ("acc_defended_mean", "acc_def", ".4f"), ("check_queries", "check_q", "d"),
+]
+CSV_EXTRA = ["queries_total", "within_eps", "l2_per_pixel", "acc_clean", "acc_defended_worst", "n_images"]
+
+
+def score_attacks() -> list[str]:
+    return sorted(n for n, s in ATTACKS.items() if s.family == "score")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.attack_zoo",
+        description="Every registered score-based attack against output-noise (sigma) and input-noise (nu) "
+                    "defenses: ASR / queries / distortion (Aithal & Li 2022 Tables 2/9; SND Table 3).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
+    p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help=f"score attacks to run (default: all registered: {', '.join(score_attacks())})")
+    p.add_argument("--n-images", type=int, default=50, help="correctly classified test images to attack")
+    p.add_argument("--max-queries", type=int, default=None,
+                   help="query budget per image for every attack (default: each attack's documented budget)")
+    p.add_argument("--sigmas", type=float, nargs="+", default=None,
+                   help=f"output-noise std levels on probabilities (default {list(DEFAULT_SIGMAS)}; smoke [0, 1e-2])")
+    p.add_argument("--nus", type=float, nargs="+", default=None,
+                   help=f"input-noise std levels (default {list(DEFAULT_NUS)}; smoke [0])")
+    p.add_argument("--targeted", action=argparse.BooleanOptionalAction, default=True,
+                   help="targeted attacks (random target != label); --no-targeted for untargeted")
+    p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")
+    p.add_argument("--train-seed", type=int, default=0, help="seed of the attacked model's training")
+    p.add_argument("--surrogate-seed", type=int, default=1,
+                   help="seed of the surrogate model's training (transfer priors); must differ from --train-seed")
+    p.add_argument("--surrogate-model", default=None, help="surrogate architecture; default: the attacked model's")
+    p.add_argument("--acc-draws", type=int, default=40, help="noise draws for the defended clean accuracy")
+    p.add_argument("--out", default="runs/attack_zoo", help="output folder")
+    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
+    p.add_argument("--xla-opt-level", type=int, default=1, choices=(0, 1, 2, 3),
+                   help="XLA backend optimisation level of each cell's runner (3 = XLA's default): level 1 "
+                        "compiles several times faster than 3 and runs about as fast; results are "
+                        "reproducible for a given level (and may differ in the last bits between levels)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny run for tests: all chosen attacks, 4 images, budget <= {SMOKE_BUDGET} "
+                        "(or two steps), sigma in {0, 1e-2} and nu in {0} unless given, 4 accuracy draws")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _positive_int(name, v):
+    if v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v}")
+
+
+def _placeholder_context(ds) -> Context:
+    """A Context with every field filled, to build attacks (no tracing) while validating options."""
+    shape = ds.image_shape
+    return Context(train_images=np.zeros((ds.num_classes,) + shape, np.float32),
+                   train_labels=np.arange(ds.num_classes, dtype=np.int32), num_classes=ds.num_classes,
+                   surrogate=lambda x, keys: None)
+
+
+def attack_config(name: str, targeted: bool) -> dict:
+    """The attack's battery configuration (norm, eps and overrides) for the goal, without the budget."""
+    cfg = {k: v for k, v in ATTACKS[name].battery.items() if k != "budget"}
+    cfg["targeted"] = targeted
+    return cfg
+
+
+def cells(sigmas, nus) -> list[tuple[str, float]]:
+    """(defense, level) cells: the undefended cell once, then output noise, then input noise."""
+    out = [("none", 0.0)] if (0.0 in sigmas or 0.0 in nus) else []
+    out += [("output_noise", s) for s in sigmas if s > 0]
+    out += [("input_noise", v) for v in nus if v > 0]
+    return out
+
+
+def defend(clean, defense: str, level: float):
+    if defense == "output_noise":
+        return output_noise(clean, level, "probs")
+    if defense == "input_noise":
+        return input_noise(clean, level)
+    return clean
+
+
+def configure(args) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced."""
+    if args.smoke:
+        args.n_images, args.acc_draws = 4, 4
+    if args.sigmas is None:
+        args.sigmas = [0.0, 1e-2] if args.smoke else list(DEFAULT_SIGMAS)
+    if args.nus is None:
+        args.nus = [0.0] if args.smoke else list(DEFAULT_NUS)
+    ds = data.info(args.dataset)  # ValueError on an unknown dataset
+    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
+    models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
+    surrogate_model = args.surrogate_model or model_name
+    models.get_model(surrogate_model, ds.num_classes)
+    if surrogate_model == model_name and args.surrogate_seed == args.train_seed:
+        raise ValueError("the surrogate must be trained separately: give --surrogate-seed != --train-seed "
+                         "or another --surrogate-model")
+    known = score_attacks()
+    unknown = [n for n in (args.attacks or []) if n not in known]
+    if unknown:
+        raise ValueError(f"unknown score attack(s) {unknown}; choose from {known}")
+    names = [n for n in known if n in args.attacks] if args.attacks else known  # registry order
+    sigmas = sorted({check_level("sigma", s) for s in args.sigmas})
+    nus = sorted({check_level("nu", v) for v in args.nus})
+    grid = cells(sigmas, nus)
+    if not grid:
+        raise ValueError("--sigmas/--nus give no defense cell")
+    _positive_int("--n-images", args.n_images)
+    _positive_int("--acc-draws", args.acc_draws)
+    if args.max_queries is not None:
+        _positive_int("--max-queries", args.max_queries)
+    ctx = _placeholder_context(ds)
+    runs, skipped = [], []
+    for name in names:
+        spec = ATTACKS[name]
+        if not (spec.supports_targeted if args.targeted else spec.supports_untargeted):
+            skipped.append(name)
+            continue
+        cfg = attack_config(name, args.targeted)
+        attack = make_attack(name, ctx, **cfg)  # validates the config; nothing is traced
+        budget = args.max_queries or spec.battery["budget"]
+        if args.smoke:
+            budget = min(budget, max(SMOKE_BUDGET, 2 * attack.cost))
+        if budget < attack.cost:
+            raise ValueError(f"--max-queries {budget} is smaller than one step of {name} ({attack.cost} queries)")
+        runs.append({"attack": name, "config": cfg, "budget": budget, "cost": attack.cost, "output": attack.output,
+                     "needs": list(spec.needs)})
+    if not runs:
+        raise ValueError(f"none of {names} supports {'targeted' if args.targeted else 'untargeted'} attacks")
+    return {
+        "experiment": "attack_zoo", "dataset": args.dataset, "model": model_name, "num_classes": ds.num_classes,
+        "surrogate_model": surrogate_model, "goal": "targeted" if args.targeted else "untargeted",
+        "sigmas": sigmas, "nus": nus, "cells": [list(c) for c in grid], "attacks": runs,
+        "skipped_attacks": skipped, "n_images": args.n_images, "check_queries": Protocol.check_queries,
+        "acc_draws": args.acc_draws, "seed": args.seed, "train_seed": args.train_seed,
+        "surrogate_seed": args.surrogate_seed, "train": None, "surrogate_train": None, "smoke": args.smoke,
+        "xla_backend_optimization_level": args.xla_opt_level,
+    }
+
+
+def _level_label(v: float) -> str:
+    return "0" if v == 0 else f"{v:.0e}".replace("e-0", "e-")
+
+
+def plot_zoo(rows, path, title: str):
+    """ASR (majority of 9 defended checks) vs noise level, one line per attack; output noise on the
+    left, input noise on the right (the undefended cell is level 0 of both)."""
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    markers = "os^vD<>pP*Xh"
+    for ax, defense, label in ((axes[0], "output_noise", "output noise σ (probabilities)"),
+                               (axes[1], "input_noise", "input noise ν (image)")):
+        levels = sorted({r["level"] for r in rows if r["defense"] in (defense, "none")})
+        pos = {v: i for i, v in enumerate(levels)}
+        for i, name in enumerate(attacks):
+            pts = sorted((r["level"], r["asr"]) for r in rows
+                         if r["attack"] == name and r["defense"] in (defense, "none"))
+            if pts:
+                ax.plot([pos[v] for v, _ in pts], [100 * a for _, a in pts], marker=markers[i % len(markers)],
+                        linestyle="-" if i < 10 else "--", label=name)
+        ax.set_xticks(range(len(levels)), [_level_label(v) for v in levels])
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ASR (%), majority of 9 defended checks")
+    axes[0].set_ylim(-3, 103)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pivot(rows, key: str, fmt: str, grid) -> str:
+    """One line per attack, one column per defense cell (the shape of Aithal & Li's Table 2)."""
+    heads = [("none" if d == "none" else ("σ=" if d == "output_noise" else "ν=") + _level_label(v)) for d, v in grid]
+    table_rows = []
+    for name in dict.fromkeys(r["attack"] for r in rows):
+        line = {"attack": name}
+        for (d, v), h in zip(grid, heads):
+            r = next((r for r in rows if r["attack"] == name and r["defense"] == d and r["level"] == v), None)
+            val = None if r is None else r.get(key)
+            line[h] = val
+        table_rows.append(line)
+    return table(table_rows, [("attack", key, "s")] + [(h, h, fmt) for h in heads])
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    try:
+        cfg = configure(args)
+    except ValueError as e:
+        get_parser().error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    show = not args.no_progress
+    t_start = time.time()
+    targeted = cfg["goal"] == "targeted"
+    grid = [tuple(c) for c in cfg["cells"]]
+
+    key = jax.random.key(args.seed)
+    _, k_data, k_attack, k_defense = jax.random.split(key, 4)
+    k_def_images, k_def_acc = jax.random.split(k_defense)
+
+    train_cfg = train.TrainConfig(seed=args.train_seed)
+    model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
+                                        data_dir=args.data_dir, progress=show)
+    cfg["train"] = dataclasses.asdict(train_cfg)
+    clean = model_scorer(model, params)
+    surrogate = None
+    if any("surrogate" in r["needs"] for r in cfg["attacks"]):
+        sur_cfg = train.TrainConfig(seed=args.surrogate_seed)
+        s_model, s_params = train.load_or_train(cfg["surrogate_model"], cfg["dataset"], sur_cfg,
+                                                cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
+        cfg["surrogate_train"] = dataclasses.asdict(sur_cfg)
+        surrogate = model_scorer(s_model, s_params)
+    x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
+    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
+    ctx = Context(train_images=x_train, train_labels=y_train, num_classes=cfg["num_classes"], surrogate=surrogate)
+
+    sel = select_images(k_data, clean, x_test, y_test, cfg["n_images"], targeted, cfg["num_classes"])
+    ka, kd, kc = image_keys(k_attack, k_def_images, sel.index)
+    acc_clean = float(np.mean(np.asarray(jax.numpy.argmax(clean(x_test, None), -1)) == y_test))
+    write_json(out / "config.json", cfg)
+
+    accuracy = {}  # per defense cell: the defended model's clean accuracy over noise draws
+    for d, v in grid:
+        accs = defended_accuracy(defend(clean, d, v), x_test, y_test, k_def_acc, cfg["acc_draws"])
+        accuracy[(d, v)] = (float(accs.mean()), float(accs.min()))
+
+    # One runner is compiled per cell; a low XLA backend optimisation level cuts that several-fold.
+    options = {"xla_backend_optimization_level": args.xla_opt_level}
+    rows, images, timing = [], {}, {}
+    work = [(run, cell) for run in cfg["attacks"] for cell in grid]
+    bar = tqdm(work, desc="attack x cell", disable=not show)
+    for run, (d, v) in bar:
+        name = run["attack"]
+        bar.set_postfix_str(f"{name} {d} {v:g}")
+        attack = make_attack(name, ctx, **run["config"])
+        protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=run["budget"],
+                            acc_draws=cfg["acc_draws"], eps=run["config"]["eps"], norm=run["config"]["norm"])
+        oracle = Oracle(defend(clean, d, v), attack.output)
+        validate_selection(attack, oracle, protocol, sel)
+        t0 = time.time()
+        inputs = (sel.images, sel.labels, sel.targets, ka, kd, kc)
+        runner = jax.jit(make_runner(attack, oracle, clean, protocol)).lower(*inputs).compile(compiler_options=options)
+        res, votes, clean_pred = jax.block_until_ready(runner(*inputs))
+        row = {"attack": name, "goal": cfg["goal"], "defense": d, "level": v, "norm": protocol.norm,
+               "eps": protocol.eps, "budget": protocol.budget,
+               **summarize(sel, res, votes, clean_pred, targeted, protocol.check_queries, protocol.eps, protocol.norm)}
+        row.update(acc_clean=acc_clean, acc_defended_mean=accuracy[(d, v)][0], acc_defended_worst=accuracy[(d, v)][1],
+                   check_queries=protocol.check_queries * cfg["n_images"])
+        rows.append(row)
+        cell_id = f"{name}/{d}/{v:g}"
+        images[cell_id] = per_image(sel, res, votes, clean_pred)
+        timing[cell_id] = time.time() - t0
+
+    print(table(rows, COLUMNS))
+    for key_, fmt, what in (("asr", ".2f", "ASR (majority of 9 defended checks, within eps)"),
+                            ("queries_mean", ".0f", "mean budgeted queries of successes"),
+                            ("l2", ".3f", "mean L2 distortion of successes")):
+        print(f"\n{what}:\n" + pivot(rows, key_, fmt, grid))
+    print(f"\nclean accuracy {acc_clean:.4f}; {cfg['goal']}, {cfg['n_images']} images; check queries "
+          f"({cfg['check_queries']} per image per cell) are outside every budget; results in {out}/",
+          file=sys.stderr)
+    if cfg["skipped_attacks"]:
+        print(f"skipped (goal not supported): {cfg['skipped_attacks']}", file=sys.stderr)
+    results = {"config": cfg, "rows": rows, "images": images}
+    write_json(out / "results.json", results)
+    write_csv(out / "results.csv", rows, [k for k, _, _ in COLUMNS] + CSV_EXTRA)
+    plot_zoo(rows, out / "asr_vs_noise.png",
+             f"{cfg['goal']} score attacks vs randomized defenses on {cfg['dataset']}/{cfg['model']} "
+             f"({cfg['n_images']} images)")
+    timing["total"] = time.time() - t_start
+    write_json(out / "timing.json", timing)
+    return results
+
+
+if __name__ == "__main__":
+    main()
