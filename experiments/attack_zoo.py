@@ -33,22 +33,17 @@ and ``timing.json`` (wall-clock seconds per cell, kept apart so results stay rep
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from pathlib import Path
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import table, write_csv, write_json
-from rnd_jax import data, models, plots, train
+from experiments.common import setup, table, write_csv, write_json
+from rnd_jax import data, models, plots
 from rnd_jax.attacks import ATTACKS, Context, make_attack
-from rnd_jax.defenses import check_level, input_noise, model_scorer, output_noise
-from rnd_jax.evaluate import (Protocol, defended_accuracy, image_keys, make_runner, per_image, select_images,
-                              summarize, validate_selection)
-from rnd_jax.oracle import Oracle
+from rnd_jax.defenses import check_level, input_noise, output_noise
+from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
 
 plt = plots.plt  # the headless (Agg) pyplot configured by rnd_jax.plots
 
@@ -256,36 +251,17 @@ def main(argv=None) -> dict:
         cfg = configure(args)
     except ValueError as e:
         get_parser().error(str(e))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    show = not args.no_progress
-    t_start = time.time()
     targeted = cfg["goal"] == "targeted"
     grid = [tuple(c) for c in cfg["cells"]]
-
-    key = jax.random.key(args.seed)
-    _, k_data, k_attack, k_defense = jax.random.split(key, 4)
-    k_def_images, k_def_acc = jax.random.split(k_defense)
-
-    train_cfg = train.TrainConfig(seed=args.train_seed)
-    model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
-                                        data_dir=args.data_dir, progress=show)
-    cfg["train"] = dataclasses.asdict(train_cfg)
-    clean = model_scorer(model, params)
-    surrogate = None
-    if any("surrogate" in r["needs"] for r in cfg["attacks"]):
-        sur_cfg = train.TrainConfig(seed=args.surrogate_seed)
-        s_model, s_params = train.load_or_train(cfg["surrogate_model"], cfg["dataset"], sur_cfg,
-                                                cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
-        cfg["surrogate_train"] = dataclasses.asdict(sur_cfg)
-        surrogate = model_scorer(s_model, s_params)
-    x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
-    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
-    ctx = Context(train_images=x_train, train_labels=y_train, num_classes=cfg["num_classes"], surrogate=surrogate)
-
-    sel = select_images(k_data, clean, x_test, y_test, cfg["n_images"], targeted, cfg["num_classes"])
-    ka, kd, kc = image_keys(k_attack, k_def_images, sel.index)
-    acc_clean = float(np.mean(np.asarray(jax.numpy.argmax(clean(x_test, None), -1)) == y_test))
+    needs_surrogate = any("surrogate" in r["needs"] for r in cfg["attacks"])
+    run_ = setup(args, cfg, train_split=True, surrogate_seed=args.surrogate_seed if needs_surrogate else None,
+                 surrogate_model=cfg["surrogate_model"])
+    out, show, t_start, clean = run_.out, run_.show, run_.t_start, run_.clean
+    x_test, y_test, acc_clean, k_def_acc = run_.x_test, run_.y_test, run_.acc_clean, run_.k_def_acc
+    ctx = Context(train_images=run_.x_train, train_labels=run_.y_train, num_classes=cfg["num_classes"],
+                  surrogate=run_.surrogate)
+    sel = select_images(run_.k_data, clean, x_test, y_test, cfg["n_images"], targeted, cfg["num_classes"])
+    keys = image_keys(run_.k_attack, run_.k_def_images, sel.index)
     write_json(out / "config.json", cfg)
 
     accuracy = {}  # per defense cell: the defended model's clean accuracy over noise draws
@@ -304,20 +280,16 @@ def main(argv=None) -> dict:
         attack = make_attack(name, ctx, **run["config"])
         protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=run["budget"],
                             acc_draws=cfg["acc_draws"], eps=run["config"]["eps"], norm=run["config"]["norm"])
-        oracle = Oracle(defend(clean, d, v), attack.output)
-        validate_selection(attack, oracle, protocol, sel)
         t0 = time.time()
-        inputs = (sel.images, sel.labels, sel.targets, ka, kd, kc)
-        runner = jax.jit(make_runner(attack, oracle, clean, protocol)).lower(*inputs).compile(compiler_options=options)
-        res, votes, clean_pred = jax.block_until_ready(runner(*inputs))
+        metrics, records = evaluate_cell(attack, defend(clean, d, v), clean, sel, keys, protocol,
+                                         compiler_options=options)
         row = {"attack": name, "goal": cfg["goal"], "defense": d, "level": v, "norm": protocol.norm,
-               "eps": protocol.eps, "budget": protocol.budget,
-               **summarize(sel, res, votes, clean_pred, targeted, protocol.check_queries, protocol.eps, protocol.norm)}
+               "eps": protocol.eps, "budget": protocol.budget, **metrics}
         row.update(acc_clean=acc_clean, acc_defended_mean=accuracy[(d, v)][0], acc_defended_worst=accuracy[(d, v)][1],
                    check_queries=protocol.check_queries * cfg["n_images"])
         rows.append(row)
         cell_id = f"{name}/{d}/{v:g}"
-        images[cell_id] = per_image(sel, res, votes, clean_pred)
+        images[cell_id] = records
         timing[cell_id] = time.time() - t0
 
     print(table(rows, COLUMNS))

@@ -1,12 +1,60 @@
-"""Shared plumbing of the experiments: results folders, JSON/CSV writing, tables."""
+"""Shared plumbing of the experiments: setup (results folder, keys, model, data), JSON/CSV writing, tables."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
+from types import SimpleNamespace
+
+
+def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | None = None,
+          surrogate_model: str | None = None) -> SimpleNamespace:
+    """The start every attack experiment shares, after its options are validated.
+
+    Creates ``args.out``; derives the run's keys from ``args.seed`` (``k_data`` picks the images,
+    ``k_attack`` and ``k_def_images`` are split per image by :func:`rnd_jax.evaluate.image_keys`,
+    ``k_def_acc`` draws the defended-accuracy noise: the same derivation in every experiment, so the
+    same seed picks the same images everywhere); loads or trains ``cfg["model"]`` on ``cfg["dataset"]``
+    with seed ``args.train_seed`` (recorded in ``cfg["train"]``); loads the test split (and the
+    training split with ``train_split``), and a surrogate trained with ``surrogate_seed`` when given.
+    """
+    import jax
+    import numpy as np
+
+    from rnd_jax import data, train
+    from rnd_jax.defenses import model_scorer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    show = not args.no_progress
+    t_start = time.time()
+    _, k_data, k_attack, k_defense = jax.random.split(jax.random.key(args.seed), 4)
+    k_def_images, k_def_acc = jax.random.split(k_defense)
+    train_cfg = train.TrainConfig(seed=args.train_seed)
+    model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
+                                        data_dir=args.data_dir, progress=show)
+    cfg["train"] = dataclasses.asdict(train_cfg)
+    clean = model_scorer(model, params)
+    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
+    acc_clean = float(np.mean(np.asarray(jax.numpy.argmax(clean(x_test, None), -1)) == y_test))
+    x_train = y_train = surrogate = None
+    if train_split:
+        x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
+    if surrogate_seed is not None:
+        sur_cfg = train.TrainConfig(seed=surrogate_seed)
+        s_model, s_params = train.load_or_train(surrogate_model or cfg["model"], cfg["dataset"], sur_cfg,
+                                                cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
+        cfg["surrogate_train"] = dataclasses.asdict(sur_cfg)
+        surrogate = model_scorer(s_model, s_params)
+    return SimpleNamespace(out=out, show=show, t_start=t_start, k_data=k_data, k_attack=k_attack,
+                           k_def_images=k_def_images, k_def_acc=k_def_acc, model=model, params=params,
+                           clean=clean, x_test=x_test, y_test=y_test, x_train=x_train, y_train=y_train,
+                           acc_clean=acc_clean, surrogate=surrogate)
 
 
 def clean_json(obj):

@@ -27,13 +27,10 @@ Outputs under ``--out``: ``results.json`` (every table and the calibrations), ``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import matplotlib
 
@@ -42,11 +39,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from experiments.common import table, write_csv, write_json  # noqa: E402
-from rnd_jax import data, models, train  # noqa: E402
+from experiments.common import setup, table, write_csv, write_json  # noqa: E402
+from rnd_jax import data, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
 from rnd_jax.calibrate import calibrate  # noqa: E402
-from rnd_jax.defenses import build_defense, model_scorer  # noqa: E402
+from rnd_jax.defenses import build_defense  # noqa: E402
 from rnd_jax.evaluate import Protocol, evaluate_cell, image_keys, select_images  # noqa: E402
 
 FAMILIES = ("output_noise", "input_noise", "feature_noise")
@@ -130,27 +127,13 @@ def main(argv=None) -> dict:
         cfg = configure(args)
     except ValueError as e:
         parser.error(str(e))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    show = not args.no_progress
-    t_start = time.time()
+    needs_surrogate = any("surrogate" in ATTACKS[a].needs for a in cfg["attacks"])
+    run_ = setup(args, cfg, train_split=True, surrogate_seed=args.train_seed + 1 if needs_surrogate else None)
+    out, show, t_start, model, params, clean = run_.out, run_.show, run_.t_start, run_.model, run_.params, run_.clean
+    k_data, k_attack, k_def_images, k_calib = run_.k_data, run_.k_attack, run_.k_def_images, run_.k_def_acc
+    x_test, y_test, x_train, y_train, surrogate = run_.x_test, run_.y_test, run_.x_train, run_.y_train, run_.surrogate
     timing = {}
-
-    _, k_data, k_attack, k_defense = jax.random.split(jax.random.key(args.seed), 4)
-    k_def_images, k_calib = jax.random.split(k_defense)
-    tcfg = train.TrainConfig(seed=args.train_seed)
-    model, params = train.load_or_train(cfg["model"], cfg["dataset"], tcfg, cache_dir=args.cache_dir,
-                                        data_dir=args.data_dir, progress=show)
-    cfg["train"] = dataclasses.asdict(tcfg)
-    clean = model_scorer(model, params)
     shape = tuple(cfg["image_shape"])
-    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
-    x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
-    surrogate = None
-    if any("surrogate" in ATTACKS[a].needs for a in cfg["attacks"]):
-        s_model, s_params = train.load_or_train(cfg["model"], cfg["dataset"], dataclasses.replace(tcfg, seed=tcfg.seed + 1),
-                                                cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
-        surrogate = model_scorer(s_model, s_params)
     ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), cfg["num_classes"], surrogate)
     write_json(out / "config.json", cfg)
     budget = max(cfg["budgets"])

@@ -19,19 +19,15 @@ seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_sig
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from pathlib import Path
 
-import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import table, write_csv, write_json
-from rnd_jax import data, models, train
+from experiments.common import setup, table, write_csv, write_json
+from rnd_jax import data, models
 from rnd_jax.attacks import NESConfig, nes
-from rnd_jax.defenses import OUTPUT_SPACES, check_level, model_scorer, output_noise
+from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
 from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
 from rnd_jax.plots import asr_vs_level
 
@@ -107,25 +103,11 @@ def main(argv=None) -> dict:
     except ValueError as e:
         get_parser().error(str(e))
     nes_cfg, protocol = cfg.pop("_nes_cfg"), cfg.pop("_protocol")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    show = not args.no_progress
-    t_start = time.time()
-
-    key = jax.random.key(args.seed)
-    _, k_data, k_attack, k_defense = jax.random.split(key, 4)
-    k_def_images, k_def_acc = jax.random.split(k_defense)
-
-    train_cfg = train.TrainConfig(seed=args.train_seed)
-    model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
-                                        data_dir=args.data_dir, progress=show)
-    cfg["train"] = dataclasses.asdict(train_cfg)
-    clean = model_scorer(model, params)
-    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
-
-    sel = select_images(k_data, clean, x_test, y_test, protocol.n_images, protocol.targeted, cfg["num_classes"])
-    ka, kd, kc = image_keys(k_attack, k_def_images, sel.index)
-    acc_clean = float(np.mean(np.asarray(jax.numpy.argmax(clean(x_test, None), -1)) == y_test))
+    run = setup(args, cfg)
+    out, show, t_start, clean, x_test, y_test = run.out, run.show, run.t_start, run.clean, run.x_test, run.y_test
+    k_def_acc, acc_clean = run.k_def_acc, run.acc_clean
+    sel = select_images(run.k_data, clean, x_test, y_test, protocol.n_images, protocol.targeted, cfg["num_classes"])
+    ka, kd, kc = image_keys(run.k_attack, run.k_def_images, sel.index)
     attack = nes(nes_cfg)
     write_json(out / "config.json", cfg)
 

@@ -193,18 +193,22 @@ def validate_selection(attack: Attack, oracle: Oracle, protocol: Protocol, sel: 
 
 
 def evaluate_cell(attack: Attack, defended: Scorer, clean: Scorer, sel: Selection, keys, protocol: Protocol,
-                  budgets=(), output: str | None = None):
+                  budgets=(), output: str | None = None, compiler_options: dict | None = None):
     """Run one (attack, defense) cell of the protocol: validate, jit once, run, summarize.
 
     ``keys = (ka, kd, kc)`` from :func:`image_keys`. ``budgets`` adds ``asr_at_<B>`` (success with
-    at most ``B`` budgeted queries) for each ``B <= protocol.budget``. Returns
-    ``(metrics, per_image_records)``.
+    at most ``B`` budgeted queries) for each ``B <= protocol.budget``. ``compiler_options`` go to
+    XLA (e.g. ``{"xla_backend_optimization_level": 0}`` when compiling many one-off cells costs more
+    than running them). Returns ``(metrics, per_image_records)``.
     """
     oracle = Oracle(defended, output or attack.output)
     validate_selection(attack, oracle, protocol, sel)
     ka, kd, kc = keys
+    inputs = (sel.images, sel.labels, sel.targets, ka, kd, kc)
     runner = jax.jit(make_runner(attack, oracle, clean, protocol))
-    res, votes, clean_pred = jax.block_until_ready(runner(sel.images, sel.labels, sel.targets, ka, kd, kc))
+    if compiler_options:
+        runner = runner.lower(*inputs).compile(compiler_options=compiler_options)
+    res, votes, clean_pred = jax.block_until_ready(runner(*inputs))
     row = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                     protocol.norm)
     q = np.asarray(res.queries)
