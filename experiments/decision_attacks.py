@@ -1,0 +1,354 @@
+"""Decision-based attacks vs small input noise (SND) and output noise: ASR, distortion and P_mis.
+
+Mirrors Byun et al. (2022), "On the Effectiveness of Small Input Noise for Defending Against
+Query-based Black-Box Attacks": Table 2 (ASR of decision attacks at 2K / 5K / 10K queries),
+Table 3 (the same, with the average l_2 norm of the query images at the budget) and Table 4
+(``P_mis = P(h(x) != h(x + eta))`` over all queries of the attacks vs on clean images), on our
+digits model, plus the output-noise defense of Aithal & Li (2022) (their Tables 3 and 10).
+
+For every registered decision attack (untargeted, the papers' setting) and every defense —
+SND input noise ``nu`` in ``--nus`` (``nu = 0`` is the undefended baseline) and output noise
+``sigma`` in ``--sigmas`` — one run of ``--max-queries`` queries per image gives:
+
+- ``asr@b`` for each ``b`` in ``--checkpoints``: the fraction of images whose final point passes the
+  protocol's majority-of-9 defended check, lies within ``eps`` of ``x0``, and was reached within
+  ``b`` queries. The attack stops at its own (single-answer) belief of success within ``eps``, so the
+  query count at which it stopped is the count a run with budget ``b >= count`` would have used.
+  ``asr_clean@b`` judges the same points by the undefended model, ``asr_lucky@b`` by the attack's
+  own belief. ``eps`` is the l_2 or l_inf radius of the attack's norm (``--eps-l2``, ``--eps-linf``).
+- ``l2_query``: the mean l_2 distance ``||x0 - x^q||`` of the *last query image* of each image at
+  the budget, or when the attack stopped (SND Table 3's figure in parentheses).
+- ``p_mis``: the fraction of all query points of the attack whose defended answer differs from the
+  undefended model's answer at the same point, ``h(x^q + eta_q) != h(x^q)``, pooled over images
+  (SND Table 4); ``p_mis_clean``: the same over ``--clean-draws`` noise draws of every test image.
+
+P_mis and ``l2_query`` need every query point, which an attack never returns. Each image is therefore
+attacked alone (``driver.run_one``, jitted, not vmapped: every model call of such a run is a counted
+query, whereas under ``vmap`` finished images keep evaluating discarded queries) through a scorer
+that reports, for each query batch, the defended and the undefended labels and the points to the
+host (``jax.debug.callback``); the number of points it saw is checked against the driver's count.
+An image attacked alone replays exactly what it does inside a batch (same keys, same queries), so
+this is the protocol of :mod:`rnd_jax.evaluate` image by image: the majority-of-9 check uses 9
+fresh defended answers from the image's check key, and keys follow :func:`rnd_jax.evaluate.image_keys`.
+
+One compilation per attack serves every defense: the noise levels are traced arguments of a
+defended scorer that applies input noise then output noise with the formulas of
+:mod:`rnd_jax.defenses` (``x + nu eta``, not clipped; ``min(|F + sigma v|, 1)``; each point's key
+split per defense); a level of 0 gives exactly the clean answer.
+
+Defaults (16 images, 10 000 queries, 9 attacks x 4 defenses; about 15 minutes on 2 CPU cores)::
+
+    python -m experiments.decision_attacks --out runs/decision_attacks
+
+Outputs under ``--out``: ``results.json`` (config and one row per attack x defense; the same seed gives
+a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_queries.png`` and ``timing.json``
+(wall-clock seconds, kept apart so results stay reproducible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from experiments.common import setup, table, write_csv, write_json
+from rnd_jax import data, models
+from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
+from rnd_jax.defenses import check_level
+from rnd_jax.evaluate import Protocol, image_keys, select_images, validate_selection
+from rnd_jax.oracle import Oracle, query_keys
+
+DEFAULT_NUS = (0.0, 1e-3, 1e-2)
+DEFAULT_SIGMAS = (1e-2,)
+DEFAULT_CHECKPOINTS = (2_000, 5_000, 10_000)
+SMOKE_ATTACKS = ("hsja", "rays")  # one l2 and one l_inf attack
+
+
+def decision_attacks() -> list[str]:
+    return sorted(n for n, s in ATTACKS.items() if s.family == "decision" and s.supports_untargeted)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.decision_attacks",
+        description="Every decision-based attack vs SND input noise and output noise: ASR at several budgets, "
+                    "l2 of the query images, P_mis (Byun et al. 2022, Tables 2-4).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
+    p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+    p.add_argument("--attacks", nargs="+", default=None, help="decision attacks to run (default: all registered)")
+    p.add_argument("--n-images", type=int, default=16, help="correctly classified test images to attack")
+    p.add_argument("--max-queries", type=int, default=10_000, help="query budget per image (the largest checkpoint)")
+    p.add_argument("--checkpoints", type=int, nargs="+", default=list(DEFAULT_CHECKPOINTS),
+                   help="budgets at which ASR is reported (each <= --max-queries)")
+    p.add_argument("--nus", type=float, nargs="+", default=list(DEFAULT_NUS), help="SND input-noise std levels")
+    p.add_argument("--sigmas", type=float, nargs="*", default=list(DEFAULT_SIGMAS),
+                   help="output-noise std levels (on probabilities, Aithal & Li post-processing)")
+    p.add_argument("--eps-l2", type=float, default=1.0, help="success radius of the l2 attacks")
+    p.add_argument("--eps-linf", type=float, default=0.15, help="success radius of the l_inf attacks")
+    p.add_argument("--clean-draws", type=int, default=20, help="noise draws per test image for P_mis on clean images")
+    p.add_argument("--seed", type=int, default=0, help="root seed of image choice, attack and defense")
+    p.add_argument("--train-seed", type=int, default=0, help="seed of model training (part of the checkpoint key)")
+    p.add_argument("--out", default="runs/decision_attacks", help="output folder")
+    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run for tests: 3 images, 600 queries (checkpoints 200/600), nu 0 and 1e-2, "
+                        f"sigma 1e-2; attacks {', '.join(SMOKE_ATTACKS)} unless --attacks is given")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def configure(args) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced."""
+    if args.smoke:
+        args.n_images, args.max_queries, args.checkpoints = 3, 600, [200, 600]
+        args.nus, args.sigmas, args.clean_draws = [0.0, 1e-2], [1e-2], 2
+        args.attacks = args.attacks or list(SMOKE_ATTACKS)
+    ds = data.info(args.dataset)
+    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
+    models.get_model(model_name, ds.num_classes)
+    names = args.attacks or decision_attacks()
+    for n in names:
+        if n not in ATTACKS or ATTACKS[n].family != "decision" or not ATTACKS[n].supports_untargeted:
+            raise ValueError(f"--attacks: {n!r} is not an untargeted decision attack; choose from {decision_attacks()}")
+    nus = [check_level("nu", v) for v in args.nus]
+    sigmas = [check_level("sigma", v) for v in args.sigmas]
+    if not nus and not sigmas:
+        raise ValueError("need at least one defense level (--nus / --sigmas)")
+    for name in ("n_images", "max_queries", "clean_draws"):
+        v = getattr(args, name)
+        if v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {v}")
+    checkpoints = sorted(set(args.checkpoints))
+    if not checkpoints or checkpoints[0] <= 0 or checkpoints[-1] > args.max_queries:
+        raise ValueError(f"--checkpoints must be positive and <= --max-queries ({args.max_queries}), "
+                         f"got {args.checkpoints}")
+    eps = {"l2": args.eps_l2, "linf": args.eps_linf}
+    for k, v in eps.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--eps-{k} must be a finite number > 0, got {v}")
+    defenses = [("input_noise", v) for v in nus] + [("output_noise", v) for v in sigmas]
+    # validate every attack config now (norm from the registry's battery)
+    for n in names:
+        norm = ATTACKS[n].battery["norm"]
+        ATTACKS[n].config(eps=eps[norm], norm=norm, targeted=False)
+    return {
+        "experiment": "decision_attacks", "dataset": args.dataset, "model": model_name, "num_classes": ds.num_classes,
+        "attacks": names, "defenses": [{"defense": d, "level": v} for d, v in defenses],
+        "checkpoints": checkpoints, "eps": eps, "n_images": args.n_images, "budget": args.max_queries,
+        "clean_draws": args.clean_draws, "check_queries": 9,
+        "seed": args.seed, "train_seed": args.train_seed, "train": None,
+        "_defenses": defenses,
+    }
+
+
+class Tap:
+    """Host-side record of every query of one image: count, mismatches, last point."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.n, self.mis, self.last = 0, 0, None
+
+    def record(self, noisy, clean, x):
+        noisy, clean, x = np.asarray(noisy), np.asarray(clean), np.asarray(x)
+        self.n += len(noisy)
+        self.mis += int(np.sum(noisy != clean))
+        if len(x):
+            self.last = x[-1]
+
+
+def leveled_defense(clean, nu, sigma):
+    """``output_noise(input_noise(clean, nu), sigma)`` with ``nu``, ``sigma`` traced (see module docstring)."""
+
+    def scores(x, keys):
+        pairs = jax.vmap(jax.random.split)(keys)
+        k_out, k_in = pairs[:, 0], pairs[:, 1]
+        pairs = jax.vmap(jax.random.split)(k_in)
+        k_eta = pairs[:, 0]
+        eta = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(k_eta)
+        p = clean(x + nu * eta, None)
+        v = jax.vmap(lambda k: jax.random.normal(k, p.shape[1:], p.dtype))(k_out)
+        return jnp.minimum(jnp.abs(p + sigma * v), 1.0)
+
+    return scores
+
+
+def tapped(defended, clean, tap: Tap):
+    """``defended`` that also reports each query batch to ``tap`` (answers unchanged)."""
+
+    def scores(x, keys):
+        p = defended(x, keys)
+        jax.debug.callback(tap.record, jnp.argmax(p, -1), jnp.argmax(clean(x, None), -1), x, ordered=True)
+        return p
+
+    return scores
+
+
+def image_runner(attack, clean, tap: Tap, budget: int, check_queries: int):
+    """Jitted ``(nu, sigma, x0, label, ka, kd, kc) -> (Result, votes, clean_pred)`` for one image."""
+
+    def run(nu, sigma, x0, label, ka, kd, kc):
+        defended = leveled_defense(clean, nu, sigma)
+        res = driver.run_one(attack, Oracle(tapped(defended, clean, tap), "label"), x0, label, -1, ka, kd, budget)
+        pred = jnp.argmax(defended(jnp.broadcast_to(res.x_adv, (check_queries,) + x0.shape),
+                                   query_keys(kc, 0, check_queries)), -1)
+        votes = jnp.mean(pred != label)
+        return res, votes, jnp.argmax(clean(res.x_adv[None], None), -1)[0]
+
+    return jax.jit(run)
+
+
+def p_mis_clean_fn(clean):
+    """Jitted ``(nu, sigma, images, key) -> P(h(x + noise) != h(x))`` for one noise draw per image."""
+
+    def f(nu, sigma, x, key):
+        p = leveled_defense(clean, nu, sigma)(x, query_keys(key, 0, x.shape[0]))
+        return jnp.mean(jnp.argmax(p, -1) != jnp.argmax(clean(x, None), -1))
+
+    return jax.jit(f)
+
+
+def cell_metrics(sel, x_adv, queries, lucky, votes, clean_pred, eps: float, norm: str, checkpoints,
+                 check_queries: int) -> dict:
+    """Per (attack, defense): ASR at each checkpoint (verified, clean, lucky), queries, distances."""
+    q = np.asarray(queries)
+    delta = (np.asarray(x_adv) - sel.images).reshape(len(q), -1)
+    d = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    within = d <= eps + 1e-5
+    verified = (np.asarray(votes) * check_queries > check_queries / 2) & within
+    fooled = (np.asarray(clean_pred) != sel.labels) & within
+    lucky = np.asarray(lucky) & within
+    row = {"n_images": int(len(q)), "queries_total": int(q.sum())}
+    for b in checkpoints:
+        k = f"{b // 1000}K" if b % 1000 == 0 else str(b)
+        row[f"asr@{k}"] = float(np.mean(verified & (q <= b)))
+        row[f"asr_clean@{k}"] = float(np.mean(fooled & (q <= b)))
+        row[f"asr_lucky@{k}"] = float(np.mean(lucky & (q <= b)))
+    row["queries_mean"] = float(np.mean(q[verified])) if verified.any() else math.nan
+    row["dist_best_median"] = float(np.median(d))  # distance of the returned (best) point, all images
+    return row
+
+
+def asr_plot(rows, checkpoints, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    defenses = sorted({r["defense_label"] for r in rows}, key=lambda s: [r["defense_label"] for r in rows].index(s))
+    attacks = sorted({r["attack"] for r in rows})
+    fig, axes = plt.subplots(1, len(defenses), figsize=(3.6 * len(defenses), 3.4), sharey=True, squeeze=False)
+    keys = [f"asr@{b // 1000}K" if b % 1000 == 0 else f"asr@{b}" for b in checkpoints]
+    for ax, dl in zip(axes[0], defenses):
+        for a in attacks:
+            r = next((r for r in rows if r["attack"] == a and r["defense_label"] == dl), None)
+            if r is not None:
+                ax.plot(checkpoints, [100 * r[k] for k in keys], "o-", label=a)
+        ax.set_title(dl, fontsize=9)
+        ax.set_xlabel("queries")
+        ax.set_ylim(-3, 103)
+    axes[0][0].set_ylabel("ASR (%), majority of 9")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS_HEAD = [("attack", "attack", "s"), ("defense_label", "defense", "s")]
+COLUMNS_TAIL = [("queries_mean", "q_mean", ".0f"), ("dist_best_median", "d_best", ".3f"),
+                ("l2_query", "l2_query", ".3f"), ("p_mis", "p_mis", ".3f"), ("p_mis_clean", "p_mis_clean", ".4f")]
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    try:
+        cfg = configure(args)
+    except ValueError as e:
+        get_parser().error(str(e))
+    defenses = cfg.pop("_defenses")
+    run_ = setup(args, cfg, train_split=True)
+    out, show, t_start, clean = run_.out, run_.show, run_.t_start, run_.clean
+    x_test, k_def_clean = run_.x_test, run_.k_def_acc
+    ctx = Context(train_images=run_.x_train, train_labels=run_.y_train, num_classes=cfg["num_classes"])
+    sel = select_images(run_.k_data, clean, x_test, run_.y_test, cfg["n_images"], False, cfg["num_classes"])
+    ka, kd, kc = image_keys(run_.k_attack, run_.k_def_images, sel.index)
+    write_json(out / "config.json", cfg)
+
+    rows, timing = [], {}
+    n, budget, m = cfg["n_images"], cfg["budget"], 9
+    pmis_fn = p_mis_clean_fn(clean)
+    pmis_clean = {}
+    for d, v in defenses:
+        nu, sigma = (v, 0.0) if d == "input_noise" else (0.0, v)
+        k_level = jax.random.fold_in(k_def_clean, len(pmis_clean))
+        draws = [float(pmis_fn(nu, sigma, x_test, jax.random.fold_in(k_level, r))) for r in range(cfg["clean_draws"])]
+        pmis_clean[(d, v)] = float(np.mean(draws))
+    for name in tqdm(cfg["attacks"], desc="attacks", disable=not show):
+        t0 = time.time()
+        norm = ATTACKS[name].battery["norm"]
+        eps = cfg["eps"][norm]
+        attack = make_attack(name, ctx, eps=eps, norm=norm, targeted=False)
+        protocol = Protocol(n_images=n, targeted=False, budget=budget, eps=eps, norm=norm, check_queries=m)
+        validate_selection(attack, Oracle(clean, "label"), protocol, sel)
+        tap = Tap()
+        run = image_runner(attack, clean, tap, budget, m)
+        for defense, level in defenses:
+            nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
+            x_adv, queries, lucky, votes, clean_pred = [], [], [], [], []
+            n_q = n_mis = 0
+            l2_last = []
+            for i in range(n):
+                tap.reset()
+                res, vote, cp = run(nu, sigma, sel.images[i], sel.labels[i], ka[i], kd[i], kc[i])
+                res = jax.block_until_ready(res)
+                jax.effects_barrier()
+                if tap.n != int(res.queries):
+                    raise RuntimeError(f"{name}: image {i} asked {tap.n} points; the driver counted {int(res.queries)}")
+                x_adv.append(np.asarray(res.x_adv))
+                queries.append(int(res.queries))
+                lucky.append(bool(res.lucky))
+                votes.append(float(vote))
+                clean_pred.append(int(cp))
+                n_q += tap.n
+                n_mis += tap.mis
+                if tap.last is not None:
+                    l2_last.append(float(np.linalg.norm((tap.last - sel.images[i]).ravel())))
+            label = "none" if level == 0.0 else (f"SND nu={level:g}" if defense == "input_noise"
+                                                 else f"output sigma={level:g}")
+            row = {"attack": name, "norm": norm, "eps": eps, "defense": defense, "level": level,
+                   "defense_label": label,
+                   **cell_metrics(sel, np.stack(x_adv), queries, lucky, votes, clean_pred, eps, norm,
+                                  cfg["checkpoints"], m),
+                   "p_mis": n_mis / n_q if n_q else math.nan, "p_mis_clean": pmis_clean[(defense, level)],
+                   "l2_query": float(np.mean(l2_last)) if l2_last else math.nan}
+            rows.append(row)
+        timing[name] = time.time() - t0
+
+    asr_cols = [(f"asr@{b // 1000}K" if b % 1000 == 0 else f"asr@{b}",) * 2 + (".2f",) for b in cfg["checkpoints"]]
+    columns = COLUMNS_HEAD + asr_cols + COLUMNS_TAIL
+    print(table(rows, columns))
+    print(f"untargeted; {cfg['n_images']} images, budget {cfg['budget']}, eps l2 {cfg['eps']['l2']:g} / linf "
+          f"{cfg['eps']['linf']:g}; results in {out}/",
+          file=sys.stderr)
+    results = {"config": cfg, "rows": rows}
+    write_json(out / "results.json", results)
+    extra = [c for c in rows[0] if c not in {k for k, _, _ in columns}]
+    write_csv(out / "results.csv", rows, [k for k, _, _ in columns] + extra)
+    asr_plot(rows, cfg["checkpoints"], out / "asr_vs_queries.png",
+             f"untargeted decision attacks on {cfg['dataset']}/{cfg['model']} ({cfg['n_images']} images)")
+    timing["total"] = time.time() - t_start
+    write_json(out / "timing.json", timing)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Machinery shared by the decision-based (hard-label) attacks.
+
+Every decision attack sees only the top-1 label of a query (``Oracle(..., "label")``) and follows
+the same life cycle, built from the pieces here:
+
+1. **Starting point** (``search_start``). ``init`` gets no oracle, so the search happens inside the
+   first step(s), and its queries are counted like any other. Targeted: ``start_candidates``
+   training images of the target class, drawn without replacement from the pool by the step's key;
+   untargeted: half uniform-noise images, half training images of other classes. All candidates go
+   to the oracle in one batch; the adversarial one closest to ``x0`` (in the attack's norm) is kept.
+   A step that finds none draws new candidates in the next step; after ``start_steps`` empty
+   steps the image is marked ``failed`` and the driver stops it alone (the rest of the batch runs
+   on). A targeted image whose target class has no pool image fails at once, without queries.
+2. **Searches** along a path from ``x0`` to an adversarial point (``bisect``): an interval
+   ``[lo, hi]`` of a path parameter with ``hi`` adversarial, halved until ``hi - lo <= tol`` or
+   ``max_iter`` halvings. It is a ``lax.while_loop`` that asks one point per iteration through
+   ``oracle.at``; the attack reports the points in ``Info.queries`` and declares the worst case as
+   its cost, so the driver never lets a step start that could exceed the budget. Nothing divides by
+   the interval width, so an interval that collapses to a point (``x0`` already adversarial, a
+   distance of 0) simply stops the loop (cf. the 0/0 -> NaN of HSJA implementations when the
+   search threshold ``dist * theta`` is 0).
+3. **Best point.** ``State.x`` is the closest point the attack has seen answered adversarial
+   (always in [0, 1]); ``done`` is "``x`` is adversarial (by the attack's own answers) and within
+   ``eps``"; ``eps=None`` never stops early and minimizes the distance up to the budget.
+
+Query numbering: a step asks all its points through ``oracle.at(offset, x)`` with ``offset``
+counting from 0 (no plain calls), and reports the final offset as ``Info.queries``.
+
+Exclusive phases of a step (search vs. attack iteration) run through :func:`run_if`, a
+``while_loop`` of at most one iteration: under ``vmap`` a ``lax.cond`` would evaluate both branches
+(and their model queries) for every image, while the loop costs nothing once no image needs it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NORMS = ("l2", "linf")
+TINY = 1e-12
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_real(name: str, value, *, positive: bool = True, upper: float | None = None, none_ok: bool = False):
+    """A finite real number (> 0 if ``positive``, else >= 0; <= ``upper`` if given)."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (positive and value <= 0) or (not positive and value < 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be <= {upper}, got {value!r}")
+
+
+def check_int(name: str, value, minimum: int = 1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_common(cfg, norms=NORMS):
+    """Fields of every decision config: eps, norm, targeted (and start_candidates, start_steps if present)."""
+    if cfg.norm not in norms:
+        raise ValueError(f"unsupported norm {cfg.norm!r} for this attack; choose one of {norms}")
+    check_real("eps", cfg.eps, none_ok=True)
+    if not isinstance(cfg.targeted, bool):
+        raise ValueError(f"targeted must be a bool, got {cfg.targeted!r}")
+    for name in ("start_candidates", "start_steps"):
+        if hasattr(cfg, name):
+            check_int(name, getattr(cfg, name), 1)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def flat_norm(v, norm: str):
+    """The ``norm`` of ``v`` over all its axes."""
+    v = jnp.reshape(v, (-1,))
+    return jnp.max(jnp.abs(v)) if norm == "linf" else jnp.sqrt(jnp.sum(v * v))
+
+
+def distance(x, x0, norm: str):
+    return flat_norm(x - x0, norm)
+
+
+def batch_norm(v, norm: str):
+    """Per-row norm of ``v: [B, ...]``."""
+    v = jnp.reshape(v, (v.shape[0], -1))
+    return jnp.max(jnp.abs(v), axis=1) if norm == "linf" else jnp.sqrt(jnp.sum(v * v, axis=1))
+
+
+def safe_div(a, b):
+    """``a / b`` where ``|b| > TINY``, else 0 (no NaN from 0/0, no inf from x/0)."""
+    ok = jnp.abs(b) > TINY
+    return jnp.where(ok, a / jnp.where(ok, b, 1.0), 0.0)
+
+
+def unit(v):
+    """``v / ||v||_2``, or zeros when ``v`` is (numerically) zero."""
+    return safe_div(v, jnp.sqrt(jnp.sum(v * v)))
+
+
+def unit_rows(v):
+    """Each row of ``v: [B, ...]`` scaled to unit l2 norm (zero rows stay zero)."""
+    n = jnp.sqrt(jnp.sum(jnp.reshape(v * v, (v.shape[0], -1)), axis=1))
+    return safe_div(v, n.reshape((-1,) + (1,) * (v.ndim - 1)))
+
+
+def blend(x0, x, a):
+    """The l2 path: ``(1 - a) x0 + a x`` (``a`` in [0, 1])."""
+    return (1.0 - a) * x0 + a * x
+
+
+def linf_clip(x0, x, a):
+    """The l_inf path: ``x`` clipped to the l_inf ball of radius ``a`` around ``x0``."""
+    return jnp.clip(x, x0 - a, x0 + a)
+
+
+# ----------------------------------------------------------------------------- oracle helpers
+
+def adversarial(labels, cls, targeted: bool):
+    """Hard labels -> adversarial flags: ``label == target`` (targeted) or ``label != label0``."""
+    return (labels == cls) if targeted else (labels != cls)
+
+
+def ask(oracle, offset, x, cls, targeted: bool):
+    """Ask the points ``x: [B, H, W, C]`` as this step's points ``offset..offset+B-1``.
+
+    Returns (adversarial flags bool[B], the next offset)."""
+    labels = oracle.at(offset, x)
+    return adversarial(labels, cls, targeted), offset + x.shape[0]
+
+
+def run_if(pred, fn, operand):
+    """``fn(operand)`` if ``pred`` else ``operand``, as a ``while_loop`` of at most one iteration.
+
+    Under ``vmap`` the loop body runs while any image needs it (and the others keep their
+    operand), so a phase that no image of the batch needs costs nothing — unlike ``lax.cond``,
+    which becomes a select that evaluates (and queries through) both branches.
+    """
+    def body(c):
+        _, x = c
+        return jnp.zeros((), bool), fn(x)
+
+    _, out = jax.lax.while_loop(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
+    return out
+
+
+def bisect(oracle, offset, point, lo, hi, tol, max_iter: int, cls, targeted: bool):
+    """Bisection of a path parameter: ``point(hi)`` adversarial, ``point(lo)`` presumed not.
+
+    Halves ``[lo, hi]`` while ``hi - lo > tol`` and fewer than ``max_iter`` halvings were made; one
+    query per halving. Returns ``(lo, hi, offset)``; ``hi`` is always a parameter whose point was
+    answered adversarial (or the initial ``hi``).
+    """
+    def cond(c):
+        i, lo, hi, _ = c
+        return (i < max_iter) & (hi - lo > tol)
+
+    def body(c):
+        i, lo, hi, off = c
+        mid = 0.5 * (lo + hi)
+        adv, off = ask(oracle, off, point(mid)[None], cls, targeted)
+        adv = adv[0]
+        return i + 1, jnp.where(adv, lo, mid), jnp.where(adv, mid, hi), off
+
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    _, lo, hi, offset = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), lo, hi, offset))
+    return lo, hi, offset
+
+
+def boundary(oracle, offset, x0, x_adv, norm: str, rel_tol: float, max_iter: int, cls, targeted: bool):
+    """Bisection from ``x_adv`` (adversarial) towards ``x0`` along the ``norm``'s path.
+
+    l2: the segment ``(1 - a) x0 + a x_adv``, ``a`` in [0, 1], stopped at ``a``-width ``rel_tol``.
+    l_inf: ``x_adv`` clipped to the l_inf ball of radius ``a`` in [0, ||x_adv - x0||_inf], stopped at
+    width ``rel_tol * min(1, ||x_adv - x0||_inf)`` (HopSkipJump's choice). Returns
+    ``(x_boundary, offset)`` with ``x_boundary`` the adversarial end.
+    """
+    if norm == "l2":
+        point = lambda a: blend(x0, x_adv, a)
+        _, hi, offset = bisect(oracle, offset, point, 0.0, 1.0, rel_tol, max_iter, cls, targeted)
+    else:
+        d = distance(x_adv, x0, "linf")
+        point = lambda a: linf_clip(x0, x_adv, a)
+        _, hi, offset = bisect(oracle, offset, point, 0.0, d, rel_tol * jnp.minimum(d, 1.0), max_iter, cls,
+                               targeted)
+    return jnp.clip(point(hi), 0.0, 1.0), offset
+
+
+def halvings(rel_tol: float) -> int:
+    """Bisection iterations that shrink a unit interval below ``rel_tol``."""
+    return max(1, math.ceil(math.log2(1.0 / rel_tol)))
+
+
+# ----------------------------------------------------------------------------- starting points
+
+class Pool(NamedTuple):
+    """Training images to start from (``None`` fields when the attack was built without them)."""
+
+    images: Any  # f32[N, H, W, C]
+    labels: Any  # i32[N]
+
+
+def make_pool(ctx) -> Pool:
+    if ctx is None or ctx.train_images is None or ctx.train_labels is None:
+        return Pool(None, None)
+    images = jnp.asarray(ctx.train_images, jnp.float32)
+    labels = jnp.asarray(ctx.train_labels, jnp.int32)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f"train_images must be [N, H, W, C] with train_labels [N]; got {images.shape}, "
+                         f"{labels.shape}")
+    return Pool(images, labels)
+
+
+def _pick(key, mask, n: int):
+    """``n`` distinct indices where ``mask`` holds, in key-random order (valid flags for shortfalls)."""
+    score = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
+    top, idx = jax.lax.top_k(score, n)
+    return idx, top >= 0.0
+
+
+def candidates(key, x0, cls, targeted: bool, pool: Pool, n: int):
+    """Starting candidates ``[n, H, W, C]`` and their validity flags ``bool[n]``."""
+    k_pool, k_noise = jax.random.split(key)
+    if targeted:
+        if pool.images is None:
+            raise ValueError("a targeted decision attack needs train_images/train_labels to start from")
+        idx, valid = _pick(k_pool, pool.labels == cls, n)
+        return pool.images[idx].astype(x0.dtype), valid
+    n_noise = n if pool.images is None else (n + 1) // 2
+    noise = jax.random.uniform(k_noise, (n_noise,) + x0.shape, x0.dtype)
+    if n_noise == n:
+        return noise, jnp.ones((n,), bool)
+    idx, valid = _pick(k_pool, pool.labels != cls, n - n_noise)
+    return (jnp.concatenate([noise, pool.images[idx].astype(x0.dtype)]),
+            jnp.concatenate([jnp.ones((n_noise,), bool), valid]))
+
+
+def search_start(oracle, offset, key, x0, cls, targeted: bool, pool: Pool, n: int, norm: str):
+    """One round of the starting-point search (``n`` queries, or none when no candidate is valid).
+
+    Returns ``(found, x_start, any_valid, offset)``: the adversarial candidate closest to ``x0``."""
+    cand, valid = candidates(key, x0, cls, targeted, pool, n)
+
+    def query(c):
+        _, off = c
+        adv, off = ask(oracle, off, cand, cls, targeted)
+        return adv & valid, off
+
+    adv, offset = run_if(jnp.any(valid), query, (jnp.zeros((n,), bool), offset))
+    d = jnp.where(adv, batch_norm(cand - x0[None], norm), jnp.inf)
+    best = jnp.argmin(d)
+    return jnp.any(adv), cand[best], jnp.any(valid), offset
+
+
+class Start(NamedTuple):
+    """Outcome of a search step: whether a start was found, and the bookkeeping for failure."""
+
+    found: jax.Array
+    failed: jax.Array
+    tries: jax.Array
+    x: jax.Array
+
+
+def start_step(oracle, offset, key, x0, cls, tries, cfg, pool: Pool):
+    """One search step with the config's ``start_candidates``/``start_steps``: ``(Start, offset)``."""
+    found, xs, any_valid, offset = search_start(oracle, offset, key, x0, cls, cfg.targeted, pool,
+                                                cfg.start_candidates, cfg.norm)
+    tries = tries + 1
+    failed = ~found & ((tries >= cfg.start_steps) | ~any_valid)
+    return Start(found, failed, tries, jnp.where(found, xs, x0)), offset
+
+
+def is_done(found, dist, eps):
+    """The attack's own success: a start was found and the best distance is within ``eps``."""
+    if eps is None:
+        return jnp.zeros((), bool)
+    return found & (dist <= eps)
+
+
+def keep_best(x_best, d_best, x_new, d_new, ok):
+    """The closer of the best point and a new point answered adversarial (``ok``)."""
+    better = ok & (d_new < d_best)
+    return jnp.where(better, x_new, x_best), jnp.where(better, d_new, d_best)
+
+
+# ----------------------------------------------------------------------------- ray searches (OPT family)
+
+def ray_point(x0, theta, lam):
+    """The point at distance parameter ``lam`` along the unit direction ``theta``, kept in [0, 1]."""
+    return jnp.clip(x0 + lam * theta, 0.0, 1.0)
+
+
+def ray_search(oracle, offset, x0, theta, lam0, tol, max_scale: int, max_bisect: int, cls, targeted: bool,
+               expand: bool):
+    """``g(theta)``: the smallest ``lam`` whose ray point is adversarial, searched locally around ``lam0``.
+
+    The fine-grained local search of Cheng et al. (OPT, ICLR 2019, Alg. 2): one query at ``lam0``;
+    if adversarial, shrink ``lo = lam0 * 0.99^k`` until it is not (at most ``max_scale`` queries, then
+    ``lo = 0``); if not adversarial and ``expand``, grow ``hi = lam0 * 1.01^k`` until it is (at most
+    ``max_scale`` queries); then bisect ``[lo, hi]`` to width ``tol`` (at most ``max_bisect``
+    queries). With ``expand=False`` a non-adversarial ``lam0`` ends the search at once: the caller
+    only needs ``g(theta)`` when it is below ``lam0`` (the line searches). Worst case
+    ``1 + max_scale + max_bisect`` queries. Returns ``(g, ok, offset)``; ``ok`` is false when no
+    adversarial point was seen (then ``g`` is the last upper end tried).
+    """
+    adv0, offset = ask(oracle, offset, ray_point(x0, theta, lam0)[None], cls, targeted)
+    adv0 = adv0[0]
+    lam0 = jnp.asarray(lam0, jnp.float32)
+
+    def scale_loop(factor, want_adv, start):
+        # move the end by `factor` until the answer there is `want_adv`: (lam, previous lam, reached, offset)
+        def cond(c):
+            k, _, _, reached, _ = c
+            return (k < max_scale) & ~reached
+
+        def body(c):
+            k, lam, _, _, off = c
+            nxt = lam * factor
+            a, off = ask(oracle, off, ray_point(x0, theta, nxt)[None], cls, targeted)
+            return k + 1, nxt, lam, a[0] == want_adv, off
+
+        _, lam, prev, reached, off = jax.lax.while_loop(
+            cond, body, (jnp.zeros((), jnp.int32), lam0, lam0, jnp.zeros((), bool), start))
+        return lam, prev, reached, off
+
+    def shrink(c):
+        _, _, _, off = c
+        lo, prev, reached, off = scale_loop(0.99, False, off)
+        return jnp.where(reached, lo, 0.0), jnp.where(reached, prev, lo), jnp.ones((), bool), off
+
+    def grow(c):
+        _, _, _, off = c
+        hi, prev, reached, off = scale_loop(1.01, True, off)
+        return prev, hi, reached, off
+
+    carry = (lam0, lam0, adv0, offset)
+    carry = run_if(adv0, shrink, carry)
+    if expand:
+        carry = run_if(~adv0, grow, carry)
+    lo, hi, ok, offset = carry
+    point = lambda lam: ray_point(x0, theta, lam)
+    _, hi2, offset = run_if(ok, lambda c: bisect(oracle, c[2], point, c[0], c[1], tol, max_bisect, cls, targeted),
+                            (lo, hi, offset))
+    return jnp.where(ok, hi2, hi), ok, offset
+
+
+class LineSearch(NamedTuple):
+    theta: jax.Array  # best direction found
+    g: jax.Array  # its g value
+    alpha: jax.Array  # step size after the search
+    offset: jax.Array
+
+
+def opt_line_search(oracle, offset, x0, theta, g, grad, alpha, tol, cls, targeted: bool, max_trials: int,
+                    max_scale: int, max_bisect: int, allowance):
+    """The step-size search of OPT / Sign-OPT (Cheng et al. 2019, 2020; reference implementation).
+
+    Grow: ``theta' = unit(theta - alpha grad)``, accept while ``g(theta')`` improves, doubling
+    ``alpha`` after every trial. If the first trial already failed, shrink: ``alpha <- alpha / 4``
+    until ``g(theta')`` beats ``g`` (at most ``max_trials`` trials each). A trial runs only while the
+    step's ``allowance`` (an absolute offset) can still pay its worst case, so the caller's
+    declared cost holds. Returns the best (theta, g) (the inputs when nothing improved) and alpha.
+    """
+    trial_worst = 1 + max_scale + max_bisect
+
+    def trial(th_from, a, g_ref, off):
+        th = unit(th_from - a * grad)
+        g_new, ok, off = ray_search(oracle, off, x0, th, g_ref, tol, max_scale, max_bisect, cls, targeted, False)
+        return th, jnp.where(ok, g_new, jnp.inf), off
+
+    def up_cond(c):
+        k, _, _, _, go, off = c
+        return (k < max_trials) & go & (off + trial_worst <= allowance)
+
+    def up_body(c):
+        k, a, th_best, g_best, _, off = c
+        th, g_new, off = trial(theta, a, g_best, off)
+        better = g_new < g_best
+        return (k + 1, 2.0 * a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off)
+
+    _, alpha, th_best, g_best, _, offset = jax.lax.while_loop(
+        up_cond, up_body, (jnp.zeros((), jnp.int32), alpha, theta, g, jnp.ones((), bool), offset))
+
+    def down_cond(c):
+        k, _, _, _, found, off = c
+        return (k < max_trials) & ~found & (off + trial_worst <= allowance)
+
+    def down_body(c):
+        k, a, th_best, g_best, _, off = c
+        a = 0.25 * a
+        th, g_new, off = trial(theta, a, g, off)
+        better = g_new < g
+        return (k + 1, a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off)
+
+    def down(c):
+        return jax.lax.while_loop(down_cond, down_body, c)
+
+    improved = g_best < g
+    _, alpha, th_best, g_best, _, offset = run_if(
+        ~improved, down, (jnp.zeros((), jnp.int32), alpha, th_best, g_best, jnp.zeros((), bool), offset))
+    return LineSearch(th_best, g_best, alpha, offset)
