@@ -1,0 +1,816 @@
+"""Sweeps: grids of protocol cells, sharded over devices, with resumable JSONL results.
+
+A **grid** is a plain dict (a JSON file, or a built-in of :mod:`rnd_jax.grids`)::
+
+    {
+      "name": "nes_sigma",
+      "datasets": ["digits"],                      # or {"dataset": "digits", "model": "digits_cnn", "train_seed": 0}
+      "attacks": [                                 # names are looked up in the attack registry at run time
+        {"name": "nes", "config": {"samples": 50}, "sweep": {"beta": [1e-3, 1e-2]}, "eot": [1, 10]},
+        "square_linf"                              # a bare name = the attack with its defaults
+      ],
+      "defenses": [
+        "none",
+        {"name": "output_noise", "levels": [1e-3, 1e-2]},
+        {"name": "feature_noise", "drops": [0.01, 0.02], "sweep": {"layers": ["conv2", "fc1"]}}
+      ],
+      "targeted": [true],                          # a bool or a list of bools
+      "budgets": [10000],                          # default: each attack's registry battery budget
+      "norm": "linf", "eps": 0.3,                  # threat model of every attack (default: each battery's)
+      "n_images": 100, "seeds": [0],
+      "check_queries": 9, "acc_draws": 40, "calib_draws": 20,
+      "smoke": {"n_images": 4, "budgets": [500]},  # top-level overrides for --smoke
+      "full": {"n_images": 1000},                  # ... and for --full
+      "table": {...}                               # how experiments.paper_tables lays the results out
+    }
+
+It expands (:func:`expand`) to the product dataset/model × seed × targeted × budget × attack entry
+(× its ``sweep`` values × ``eot``) × defense entry (× its option ``sweep`` × levels or calibrated
+accuracy drops), in that order, so cells that differ only in the noise level are adjacent and share
+one compiled program (calibratable levels are passed to the jitted runner as traced values).
+Everything is validated before any cell runs (:func:`plan`): unknown keys, empty axes, unknown
+attack / defense / dataset / model names, attack configs the attack's config class rejects (e.g. a
+norm the attack does not support), goals the attack does not support, invalid levels or options,
+and budgets smaller than one step of the (EOT-wrapped) attack; the message names the entry.
+
+**Cells and keys.** A cell is the canonical JSON of (dataset, model, train_seed, attack name +
+config overrides + eot M, defense name + level or calibrated drop + options, targeted, budget,
+n_images, seed, protocol constants). Its id is the first 16 hex digits of the sha256 of that JSON,
+so it does not depend on the grid a cell came from or on its position. Keys (DESIGN.md, "Keys and
+replay"): ``k_cells, k_data, k_calib, k_acc = split(key(seed), 4)``; :func:`root_key` is ``k_cells``
+and the cell's key is ``fold_in(root_key(seed), int(id[:8], 16) & 0x7fffffff)``, split into the
+attacker and defender streams that :func:`rnd_jax.evaluate.image_keys` folds per image index. The
+images (and targets) come from ``k_data`` alone, so every cell of a seed attacks the same images;
+calibrations use ``k_calib`` and the defended clean accuracy ``k_acc``.
+
+**Running a cell** is the protocol of :mod:`rnd_jax.evaluate` (``make_runner``, ``summarize``,
+``per_image``): its images run as ONE batch, sharded over every device on a 1-D mesh
+(``jax.sharding.Mesh(jax.devices(), ("images",))``, inputs placed with
+``NamedSharding(mesh, P("images"))``, results gathered replicated). The image count is padded to
+a multiple of the device count with copies of the first image, which are dropped before any
+metric. Images are independent under ``vmap``, so the results equal a one-device run (checked on
+CPU with ``--xla_force_host_platform_device_count=4``).
+
+**Results** go to ``<out>/results.jsonl``: one JSON line per finished cell (``id``, ``cell``,
+resolved attack config and level, metrics, defended accuracy, per-image records), written with
+one ``write`` then ``flush`` and ``fsync``. A re-run of the same grid skips the cells whose ids are
+there, so a killed sweep resumes where it stopped; a partial last line (killed mid-write) is cut
+off and its cell re-run. Lines hold nothing that depends on timing or device count, so an
+interrupted-and-resumed sweep writes the same lines as an uninterrupted one (in cell order);
+wall-clock times go to ``timing.jsonl``. ``sweep.json`` records the resolved grid and cell ids.
+
+**Several hosts.** Call ``jax.distributed.initialize()`` first (``experiments.sweep
+--distributed``); every process expands the same grid and runs every cell together (the mesh
+spans all devices of all hosts); process 0 alone reads and writes the results folder and tells the
+others which cells are finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rnd_jax import data, models, train
+from rnd_jax.attacks import ATTACKS, Context, get_spec
+from rnd_jax.attacks.adaptive import eot as eot_wrap
+from rnd_jax.attacks.registry import BATTERY_EPS
+from rnd_jax.calibrate import calibrate
+from rnd_jax.defenses import DEFENSES, build_defense, check_level, model_scorer
+from rnd_jax.evaluate import (Protocol, _success, _within, defended_accuracy, image_keys, make_runner, per_image,
+                              select_images, summarize, validate_selection)
+from rnd_jax.evaluate import predict as evaluate_predict
+from rnd_jax.oracle import Oracle
+
+__all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "expand", "flat", "load_grid", "missing_attacks",
+           "plan", "read_results", "resolve", "root_key", "run_sweep", "without_attacks"]
+
+SIZES = ("smoke", "default", "full")
+GRID_KEYS = ("name", "description", "datasets", "attacks", "defenses", "targeted", "budgets", "norm", "eps",
+             "n_images", "seeds", "check_queries", "acc_draws", "calib_draws", "smoke", "full", "table")
+ATTACK_KEYS = ("name", "config", "sweep", "eot", "label")
+DEFENSE_KEYS = ("name", "levels", "drops", "options", "sweep", "label")
+DATASET_KEYS = ("dataset", "model", "train_seed")
+RESULTS = "results.jsonl"
+TIMING = "timing.jsonl"
+
+
+# ----------------------------------------------------------------------------- grids
+
+def load_grid(spec) -> dict:
+    """A grid from a dict, a JSON file path, or the name of a built-in grid (:data:`rnd_jax.grids.GRIDS`)."""
+    from rnd_jax.grids import GRIDS
+
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    path = Path(str(spec))
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise ValueError(f"grid file {str(path)!r} does not exist")
+        try:
+            grid = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"grid file {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(grid, dict):
+            raise ValueError(f"grid file {str(path)!r} must hold a JSON object")
+        grid.setdefault("name", path.stem)
+        return grid
+    if spec in GRIDS:
+        return copy.deepcopy(GRIDS[spec])
+    raise ValueError(f"unknown grid {spec!r}: not a file, and not a built-in grid ({sorted(GRIDS)})")
+
+
+def resolve(grid: dict, size: str = "default") -> dict:
+    """The grid at ``size``: its ``smoke`` / ``full`` block (if any) overrides top-level keys."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+    grid = copy.deepcopy(grid)
+    blocks = {s: grid.pop(s, None) for s in ("smoke", "full")}
+    block = blocks.get(size)
+    if block is not None:
+        if not isinstance(block, dict):
+            raise ValueError(f"grid {grid.get('name', '?')!r}: '{size}' must be a dict of top-level overrides")
+        bad = sorted(set(block) - set(GRID_KEYS) - {"smoke", "full"})
+        if bad:
+            raise ValueError(f"grid {grid.get('name', '?')!r}: unknown key(s) {bad} in its '{size}' block")
+        grid.update(copy.deepcopy(block))
+    return grid
+
+
+def missing_attacks(grid: dict) -> list[str]:
+    """Attack names of ``grid`` (any size) that are not in the attack registry now."""
+    names = []
+    for g in (grid, grid.get("smoke") or {}, grid.get("full") or {}):
+        for a in g.get("attacks", ()) or ():
+            n = a if isinstance(a, str) else (a.get("name") if isinstance(a, dict) else None)
+            if isinstance(n, str) and n not in ATTACKS and n not in names:
+                names.append(n)
+    return names
+
+
+def without_attacks(grid: dict, names) -> dict:
+    """``grid`` (and its size blocks) with the attack entries named in ``names`` removed."""
+    grid = copy.deepcopy(grid)
+    names = set(names)
+    for g in (grid, grid.get("smoke"), grid.get("full")):
+        if isinstance(g, dict) and isinstance(g.get("attacks"), list):
+            g["attacks"] = [a for a in g["attacks"]
+                            if (a if isinstance(a, str) else a.get("name")) not in names]
+    return grid
+
+
+def _canon(obj):
+    """JSON-canonical copy (tuples -> lists, numpy scalars -> Python)."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {o!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One protocol run. ``spec`` is its canonical JSON text; ``id`` hashes it."""
+
+    spec: str
+    label: str = dataclasses.field(default="", compare=False)
+
+    @classmethod
+    def make(cls, d: dict, label: str = "") -> "Cell":
+        return cls(json.dumps(_canon(d), sort_keys=True, separators=(",", ":")), label)
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.spec.encode()).hexdigest()[:16]
+
+    @property
+    def d(self) -> dict:
+        return json.loads(self.spec)
+
+
+def _as_list(grid_name, key, value, default=None):
+    if value is None:
+        value = default
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise ValueError(f"grid {grid_name!r}: axis '{key}' is empty")
+    return value
+
+
+def _int(where, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _product(sweep: dict, where: str):
+    if not isinstance(sweep, dict):
+        raise ValueError(f"{where}: 'sweep' must be a dict of key -> list of values")
+    keys = sorted(sweep)
+    for k in keys:
+        if not isinstance(sweep[k], list) or not sweep[k]:
+            raise ValueError(f"{where}: sweep axis {k!r} is empty (or not a list)")
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _attack_entries(grid: dict, name: str):
+    """[(entry index, attack name, overrides, eot, label)] of the grid's attack axis, validated."""
+    entries = _as_list(name, "attacks", grid.get("attacks"))
+    if entries is None:
+        raise ValueError(f"grid {name!r} has no 'attacks' axis")
+    out = []
+    for i, e in enumerate(entries):
+        e = {"name": e} if isinstance(e, str) else e
+        where = f"grid {name!r}: attacks[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise ValueError(f"{where} must be an attack name or a dict with a 'name', got {e!r}")
+        where += f" {e['name']!r}"
+        bad = sorted(set(e) - set(ATTACK_KEYS))
+        if bad:
+            raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(ATTACK_KEYS)}")
+        if e["name"] not in ATTACKS:
+            raise ValueError(f"{where}: unknown attack {e['name']!r} (not registered; registered: {sorted(ATTACKS)})")
+        config = e.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: 'config' must be a dict")
+        eots = _as_list(name, f"attacks[{i}].eot", e.get("eot"), [1])
+        for m in eots:
+            _int(f"{where}: eot", m)
+        for sw in _product(e.get("sweep", {}), where):
+            for m in eots:
+                out.append((i, e["name"], {**config, **sw}, m, (e.get("label") or e["name"]) + _suffix(sw)))
+    return out
+
+
+def _defense_entries(grid: dict, name: str):
+    """[(entry index, family, kind ('level'|'drop'|None), value, options, label)], validated."""
+    entries = _as_list(name, "defenses", grid.get("defenses"))
+    if entries is None:
+        raise ValueError(f"grid {name!r} has no 'defenses' axis")
+    out = []
+    for i, e in enumerate(entries):
+        e = {"name": e} if isinstance(e, str) else e
+        where = f"grid {name!r}: defenses[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise ValueError(f"{where} must be a defense name or a dict with a 'name', got {e!r}")
+        fam = e["name"]
+        where += f" {fam!r}"
+        bad = sorted(set(e) - set(DEFENSE_KEYS))
+        if bad:
+            raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(DEFENSE_KEYS)}")
+        if fam not in DEFENSES:
+            raise ValueError(f"{where}: unknown defense {fam!r}; choose one of {sorted(DEFENSES)}")
+        options = e.get("options", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"{where}: 'options' must be a dict")
+        has_levels, has_drops = "levels" in e, "drops" in e
+        if fam == "none":
+            if has_levels or has_drops or options or e.get("sweep"):
+                raise ValueError(f"{where}: the undefended model takes no levels, drops or options")
+            out.append((i, fam, None, None, {}, e.get("label")))
+            continue
+        if has_levels == has_drops:
+            raise ValueError(f"{where}: give exactly one of 'levels' (noise levels) or 'drops' (calibrated "
+                             f"clean-accuracy drops)")
+        kind = "level" if has_levels else "drop"
+        values = e["levels"] if has_levels else e["drops"]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}: '{kind}s' is empty (or not a list)")
+        spec = DEFENSES[fam]
+        for v in values:
+            if kind == "drop":
+                if not spec.calibratable:
+                    ok = sorted(k for k, s in DEFENSES.items() if s.calibratable)
+                    raise ValueError(f"{where}: cannot calibrate {fam!r} to an accuracy drop; calibratable: {ok}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                    raise ValueError(f"{where}: accuracy drops must be in (0, 1), got {v!r}")
+            elif spec.calibratable:
+                try:
+                    check_level(spec.param, v)
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from None
+        for sw in _product(e.get("sweep", {}), where):
+            opts = {**options, **sw}
+            for v in values:
+                v = float(v) if (kind == "drop" or spec.calibratable) else v
+                out.append((i, fam, kind, v, opts, (e.get("label") or fam) + _suffix(sw)))
+    return out
+
+
+def _datasets(grid: dict, name: str):
+    out = []
+    for i, d in enumerate(_as_list(name, "datasets", grid.get("datasets"), ["digits"])):
+        d = {"dataset": d} if isinstance(d, str) else d
+        where = f"grid {name!r}: datasets[{i}]"
+        if not isinstance(d, dict) or not isinstance(d.get("dataset"), str):
+            raise ValueError(f"{where} must be a dataset name or a dict with a 'dataset', got {d!r}")
+        bad = sorted(set(d) - set(DATASET_KEYS))
+        if bad:
+            raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(DATASET_KEYS)}")
+        try:
+            ds = data.info(d["dataset"])
+            model = d.get("model") or models.DEFAULT_MODEL[d["dataset"]]
+            models.get_model(model, ds.num_classes)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        out.append({"dataset": d["dataset"], "model": model, "train_seed": _int(f"{where}: train_seed",
+                                                                                 d.get("train_seed", 0), 0)})
+    return out
+
+
+def expand(grid: dict) -> list[Cell]:
+    """The cells of a resolved grid (see the module docstring), structurally validated.
+
+    Raises ``ValueError`` naming the offending entry for unknown keys or names, empty axes, and
+    invalid values. :func:`plan` adds the checks that need the attack configs and models.
+    """
+    if not isinstance(grid, dict):
+        raise ValueError(f"a grid must be a dict, got {type(grid).__name__}")
+    name = grid.get("name", "<grid>")
+    bad = sorted(set(grid) - set(GRID_KEYS))
+    if bad:
+        raise ValueError(f"grid {name!r}: unknown key(s) {bad}; valid: {list(GRID_KEYS)}")
+    if "smoke" in grid or "full" in grid:
+        grid = resolve(grid, "default")
+    dsets = _datasets(grid, name)
+    seeds = [_int(f"grid {name!r}: seeds", s, 0) for s in _as_list(name, "seeds", grid.get("seeds"), [0])]
+    targeted = _as_list(name, "targeted", grid.get("targeted"), [False])
+    if not all(isinstance(t, bool) for t in targeted):
+        raise ValueError(f"grid {name!r}: 'targeted' must be booleans, got {targeted!r}")
+    budgets = _as_list(name, "budgets", grid.get("budgets"), [None])
+    for b in budgets:
+        if b is not None:
+            _int(f"grid {name!r}: budgets", b)
+    n_images = _int(f"grid {name!r}: n_images", grid.get("n_images", 100))
+    protocol = {k: _int(f"grid {name!r}: {k}", grid.get(k, d)) for k, d in
+                (("check_queries", 9), ("acc_draws", 40))}
+    calib_draws = _int(f"grid {name!r}: calib_draws", grid.get("calib_draws", 20))
+    norm, eps = grid.get("norm"), grid.get("eps")
+    if norm is not None and norm not in BATTERY_EPS:
+        raise ValueError(f"grid {name!r}: unknown norm {norm!r}; choose one of {sorted(BATTERY_EPS)}")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                            or eps <= 0):
+        raise ValueError(f"grid {name!r}: eps must be a finite number > 0, got {eps!r}")
+    attacks = _attack_entries(grid, name)
+    defenses = _defense_entries(grid, name)
+    cells, seen = [], set()
+    for ds, seed, tg, budget in itertools.product(dsets, seeds, targeted, budgets):
+        for ai, aname, overrides, m, alabel in attacks:
+            spec = ATTACKS[aname]
+            where = f"grid {name!r}: attacks[{ai}] {aname!r}"
+            if tg and not spec.supports_targeted:
+                raise ValueError(f"{where} does not support targeted attacks (grid targeted={targeted})")
+            if not tg and not spec.supports_untargeted:
+                raise ValueError(f"{where} supports only targeted attacks (grid targeted={targeted})")
+            if "targeted" in overrides:
+                raise ValueError(f"{where}: set 'targeted' on the grid, not in the attack config")
+            threat = {k: spec.battery[k] for k in ("norm", "eps") if k in spec.battery}
+            if norm is not None:
+                threat = {"norm": norm, "eps": BATTERY_EPS[norm]}
+            if eps is not None:
+                threat["eps"] = float(eps)
+            config = {**threat, **overrides}
+            b = budget if budget is not None else spec.battery.get("budget")
+            if b is None:
+                raise ValueError(f"{where}: no 'budgets' in the grid and no battery budget for the attack")
+            for di, fam, kind, value, opts, dlabel in defenses:
+                defense = {"name": fam, "options": opts}
+                if kind == "level":
+                    defense["level"] = value
+                elif kind == "drop":
+                    defense["drop"] = value
+                    defense["calib_draws"] = calib_draws
+                d = {"dataset": ds["dataset"], "model": ds["model"], "train_seed": ds["train_seed"],
+                     "attack": {"name": aname, "config": config, "eot": m},
+                     "defense": defense, "targeted": tg, "budget": b, "n_images": n_images, "seed": seed,
+                     "protocol": protocol}
+                cell = Cell.make(d, label=_label(d, alabel, dlabel))
+                if cell.id not in seen:
+                    seen.add(cell.id)
+                    cells.append(cell)
+    return cells
+
+
+def _suffix(sw: dict) -> str:
+    return "(" + ",".join(f"{k}={v}" for k, v in sorted(sw.items())) + ")" if sw else ""
+
+
+def _label(d, alabel=None, dlabel=None) -> str:
+    a = d["attack"]
+    atk = (alabel or a["name"]) + ("" if a["eot"] == 1 else f"+eot{a['eot']}")
+    df = d["defense"]
+    if df["name"] == "none":
+        dfn = "none"
+    else:
+        dfn = dlabel or df["name"]
+        dfn += f"@{df['level']:g}" if "level" in df and isinstance(df["level"], float) else \
+            (f"@{df['level']}" if "level" in df else f"@drop{df['drop']:g}")
+    return f"{atk} vs {dfn}"
+
+
+def _attack_config(cell: dict) -> dict:
+    return {**cell["attack"]["config"], "targeted": cell["targeted"]}
+
+
+def _probe_context(ds: dict, data_dir) -> Context:
+    """A Context with the real training pool and a stand-in surrogate (attacks are built, never run)."""
+    info = data.info(ds)
+    x, y = data.load(ds, "train", data_dir=data_dir)
+    return Context(jnp.asarray(x), jnp.asarray(y), info.num_classes, surrogate=lambda xx, kk: None)
+
+
+def plan(cells: list[Cell], data_dir=None) -> dict[str, dict]:
+    """Check every cell before any runs; returns ``{id: resolved info}`` (full attack config, cost).
+
+    Builds each distinct attack (configs validated by the attack's config class, Context needs,
+    EOT wrapping) against the dataset's training pool, checks its budget covers one step, and builds
+    each distinct fixed-level defense against the model's shapes (levels and options validated).
+    """
+    out, contexts, attacks, defenses = {}, {}, {}, {}
+    for cell in cells:
+        c = cell.d
+        a = c["attack"]
+        where = f"cell {cell.label!r} (attack {a['name']!r}, config {a['config']})"
+        akey = (c["dataset"], json.dumps(a, sort_keys=True), c["targeted"])
+        if akey not in attacks:
+            spec = get_spec(a["name"])
+            conf = _attack_config(c)
+            fields = {f.name for f in dataclasses.fields(spec.config)}
+            unknown = sorted(set(conf) - fields)
+            if unknown:
+                raise ValueError(f"{where}: unknown option(s) {unknown} for attack {a['name']!r}; "
+                                 f"valid: {sorted(fields)}")
+            try:
+                cfg = spec.config(**conf)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{where}: {err}") from None
+            if c["dataset"] not in contexts:
+                contexts[c["dataset"]] = _probe_context(c["dataset"], data_dir)
+            try:
+                attack = eot_wrap(spec.build(cfg, contexts[c["dataset"]]), a["eot"])
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{where}: {err}") from None
+            attacks[akey] = (attack, cfg)
+        attack, cfg = attacks[akey]
+        if c["budget"] < attack.cost:
+            raise ValueError(f"{where}: budget {c['budget']} is smaller than one step of the attack "
+                             f"({attack.cost} queries with eot {a['eot']})")
+        d = c["defense"]
+        if "level" in d:
+            dkey = (c["dataset"], c["model"], json.dumps(d, sort_keys=True))
+            if dkey not in defenses:
+                info = data.info(c["dataset"])
+                module = models.get_model(c["model"], info.num_classes)
+                try:
+                    build_defense(d["name"], module, None, d["level"], info.image_shape, **d["options"])
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"cell {cell.label!r}: defense {d['name']!r}: {err}") from None
+                defenses[dkey] = True
+        elif "drop" in d:
+            info = data.info(c["dataset"])
+            module = models.get_model(c["model"], info.num_classes)
+            try:
+                build_defense(d["name"], module, None, 1e-3, info.image_shape, **d["options"])
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"cell {cell.label!r}: defense {d['name']!r}: {err}") from None
+        out[cell.id] = {"attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost)}
+    return out
+
+
+# ----------------------------------------------------------------------------- keys
+
+def root_key(seed: int):
+    """The root of a seed's cell keys (first of ``split(key(seed), 4)``; see the module docstring)."""
+    return jax.random.split(jax.random.key(seed), 4)[0]
+
+
+def _streams(seed: int):
+    """``(k_cells, k_data, k_calib, k_acc)`` of a seed."""
+    return tuple(jax.random.split(jax.random.key(seed), 4))
+
+
+def cell_key(cell: Cell):
+    """``fold_in(root_key(seed), int(id[:8], 16) & 0x7fffffff)``."""
+    return jax.random.fold_in(root_key(cell.d["seed"]), int(cell.id[:8], 16) & 0x7FFFFFFF)
+
+
+# ----------------------------------------------------------------------------- results file
+
+def read_results(path, repair: bool = False) -> dict[str, dict]:
+    """``{id: record}`` of a results file; a partial or corrupt line is ignored (first of duplicates kept).
+
+    With ``repair`` a partial last line (no final newline: the writer was killed mid-write) is cut
+    off the file, so the next append starts on a fresh line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if repair and end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    out = {}
+    for line in raw[:end].splitlines():
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            out.setdefault(rec["id"], rec)
+    return out
+
+
+def _append_line(path: Path, obj) -> None:
+    line = (json.dumps(_strict(obj), sort_keys=True, allow_nan=False) + "\n").encode()
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _strict(obj):
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _strict(obj.item())
+    return obj
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_strict(obj), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def flat(record: dict) -> dict:
+    """One flat row of a result record, for tables: cell fields, ``cfg.<k>``, ``opt.<k>``, metrics."""
+    c = record["cell"]
+    a, d = c["attack"], c["defense"]
+    row = {"id": record["id"], "label": record.get("label", ""), "dataset": c["dataset"], "model": c["model"],
+           "train_seed": c["train_seed"], "attack": a["name"], "eot": a["eot"], "defense": d["name"],
+           "level": record.get("level"), "drop": d.get("drop"), "targeted": c["targeted"], "budget": c["budget"],
+           "n_images": c["n_images"], "seed": c["seed"], "cost": record.get("cost")}
+    row.update({f"cfg.{k}": v for k, v in a["config"].items()})
+    row.update({f"opt.{k}": v for k, v in d["options"].items()})
+    row.update(record.get("metrics", {}))
+    row.update(record.get("defended", {}))
+    return row
+
+
+# ----------------------------------------------------------------------------- running
+
+class Sweeper:
+    """Runs cells; caches models, image selections, calibrations and compiled runners across cells."""
+
+    def __init__(self, cache_dir=None, data_dir=None, progress: bool = False, mesh: Mesh | None = None):
+        self.cache_dir, self.data_dir, self.progress = cache_dir, data_dir, progress
+        self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("images",))
+        self._models, self._sel, self._calib, self._acc, self._runners, self._ctx = {}, {}, {}, {}, {}, {}
+        self._jitted, self._acc_fns = {}, {}
+
+    @property
+    def n_devices(self) -> int:
+        return int(self.mesh.devices.size)
+
+    # --- shared pieces
+    def model(self, c: dict):
+        k = (c["dataset"], c["model"], c["train_seed"])
+        if k not in self._models:
+            tcfg = train.TrainConfig(seed=c["train_seed"])
+            model, params = train.load_or_train(c["model"], c["dataset"], tcfg, cache_dir=self.cache_dir,
+                                                data_dir=self.data_dir, progress=self.progress)
+            x, y = data.load(c["dataset"], "test", data_dir=self.data_dir)
+            self._models[k] = (model, params, model_scorer(model, params), x, y)
+            self._jitted[k] = jax.jit(model_scorer(model, params))
+        return self._models[k]
+
+    def context(self, c: dict, needs) -> Context:
+        k = (c["dataset"], c["model"], c["train_seed"], "surrogate" in needs)
+        if k not in self._ctx:
+            x, y = data.load(c["dataset"], "train", data_dir=self.data_dir)
+            surrogate = None
+            if "surrogate" in needs:
+                tcfg = train.TrainConfig(seed=c["train_seed"] + 1)
+                sm, sp = train.load_or_train(c["model"], c["dataset"], tcfg, cache_dir=self.cache_dir,
+                                             data_dir=self.data_dir, progress=self.progress)
+                surrogate = model_scorer(sm, sp)
+            self._ctx[k] = Context(jnp.asarray(x), jnp.asarray(y), data.info(c["dataset"]).num_classes, surrogate)
+        return self._ctx[k]
+
+    def selection(self, c: dict):
+        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], c["targeted"], c["n_images"])
+        if k not in self._sel:
+            _, _, _, x, y = self.model(c)
+            clean = self._jitted[k[:3]]
+            k_data = _streams(c["seed"])[1]
+            self._sel[k] = select_images(k_data, clean, x, y, c["n_images"], c["targeted"],
+                                         data.info(c["dataset"]).num_classes)
+        return self._sel[k]
+
+    def level(self, c: dict):
+        """(noise level, calibration record or None) of the cell's defense."""
+        d = c["defense"]
+        if d["name"] == "none":
+            return None, None
+        if "level" in d:
+            return d["level"], None
+        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], d["name"], d["drop"], d["calib_draws"],
+             json.dumps(d["options"], sort_keys=True))
+        if k not in self._calib:
+            model, params, _, x, y = self.model(c)
+            cal = calibrate(model, params, d["name"], d["drop"], x, y, _streams(c["seed"])[2],
+                            draws=d["calib_draws"], **d["options"])
+            self._calib[k] = {"level": cal.level, "accuracy": cal.accuracy, "clean_accuracy": cal.clean_accuracy,
+                              "drop": cal.drop, "evaluations": cal.evaluations}
+        return self._calib[k]["level"], self._calib[k]
+
+    def defended_accuracy(self, c: dict, level) -> dict:
+        d = c["defense"]
+        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], d["name"], level,
+             json.dumps(d["options"], sort_keys=True), c["protocol"]["acc_draws"])
+        if k not in self._acc:
+            model, params, _, x, y = self.model(c)
+            mk = (c["dataset"], c["model"], c["train_seed"])
+            clean_acc = float(np.mean(evaluate_predict(self._jitted[mk], x) == y))
+            traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
+            fk = mk + (d["name"], json.dumps(d["options"], sort_keys=True), None if traced else json.dumps(level))
+            if fk not in self._acc_fns:
+                shape = tuple(np.shape(x)[1:])
+                fixed = 0.0 if d["name"] == "none" else level
+                self._acc_fns[fk] = jax.jit(lambda lvl, xx, keys: build_defense(
+                    d["name"], model, params, lvl if traced else fixed, shape, **d["options"])(xx, keys))
+            fn, lvl = self._acc_fns[fk], np.float32(level if traced else 0.0)
+            accs = defended_accuracy(lambda xx, keys: fn(lvl, xx, keys), x, y, _streams(c["seed"])[3],
+                                     c["protocol"]["acc_draws"])
+            self._acc[k] = {"acc_clean": clean_acc, "acc_defended_mean": float(accs.mean()),
+                            "acc_defended_worst": float(accs.min())}
+        return self._acc[k]
+
+    def _defense(self, c: dict, level):
+        model, params, _, x, _ = self.model(c)
+        d = c["defense"]
+        lvl = 0.0 if d["name"] == "none" else level
+        return build_defense(d["name"], model, params, lvl, tuple(np.shape(x)[1:]), **d["options"])
+
+    def attack(self, c: dict):
+        spec = get_spec(c["attack"]["name"])
+        cfg = spec.config(**_attack_config(c))
+        return eot_wrap(spec.build(cfg, self.context(c, spec.needs)), c["attack"]["eot"]), cfg
+
+    def protocol(self, c: dict, cfg) -> Protocol:
+        return Protocol(n_images=c["n_images"], targeted=c["targeted"], budget=c["budget"],
+                        check_queries=c["protocol"]["check_queries"], acc_draws=c["protocol"]["acc_draws"],
+                        eps=getattr(cfg, "eps", None), norm=getattr(cfg, "norm", "linf"))
+
+    def runner(self, c: dict, attack, protocol: Protocol, level, n_pad: int):
+        """The jitted, sharded ``(level, x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``."""
+        d = c["defense"]
+        traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
+        k = (c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True), c["targeted"],
+             d["name"], json.dumps(d["options"], sort_keys=True), None if traced else json.dumps(level),
+             protocol, n_pad)
+        if k not in self._runners:
+            model, params, clean, x, _ = self.model(c)
+            shape = tuple(np.shape(x)[1:])
+
+            def fn(lvl, x0, labels, targets, ka, kd, kc):
+                use = lvl if traced else (0.0 if d["name"] == "none" else level)
+                defended = build_defense(d["name"], model, params, use, shape, **d["options"])
+                keys = [jax.random.wrap_key_data(kk) for kk in (ka, kd, kc)]
+                return make_runner(attack, Oracle(defended, attack.output), clean, protocol)(x0, labels, targets,
+                                                                                             *keys)
+
+            self._runners[k] = jax.jit(fn, out_shardings=NamedSharding(self.mesh, P()))
+        return self._runners[k]
+
+    def _place(self, arrays, n_pad: int):
+        """Pad each per-image array to ``n_pad`` rows (copies of row 0) and shard it over the mesh."""
+        sharding = NamedSharding(self.mesh, P("images"))
+        out = []
+        for a in arrays:
+            a = np.asarray(a)
+            if n_pad > len(a):
+                a = np.concatenate([a, np.repeat(a[:1], n_pad - len(a), axis=0)])
+            out.append(jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]))
+        return out
+
+    def run(self, cell: Cell, info: dict | None = None) -> dict:
+        """Run one cell of the protocol; returns its result record (deterministic, JSON-ready)."""
+        c = cell.d
+        attack, cfg = self.attack(c)
+        protocol = self.protocol(c, cfg)
+        level, calib = self.level(c)
+        sel = self.selection(c)
+        model, params, clean, _, _ = self.model(c)
+        defended = self._defense(c, level)
+        validate_selection(attack, Oracle(defended, attack.output), protocol, sel)
+        k_attack, k_defense = jax.random.split(cell_key(cell))
+        ka, kd, kc = (np.asarray(jax.random.key_data(k)) for k in image_keys(k_attack, k_defense, sel.index))
+        n = len(sel.labels)
+        n_pad = -(-n // self.n_devices) * self.n_devices
+        fn = self.runner(c, attack, protocol, level, n_pad)
+        args = self._place([sel.images, sel.labels, sel.targets, ka, kd, kc], n_pad)
+        lvl = np.asarray(level if isinstance(level, float) else 0.0, np.float32)
+        lvl = jax.make_array_from_callback((), NamedSharding(self.mesh, P()), lambda idx: lvl[idx])
+        res, votes, clean_pred = jax.block_until_ready(fn(lvl, *args))
+        res = jax.tree.map(lambda a: np.asarray(a)[:n], res)
+        votes, clean_pred = np.asarray(votes)[:n], np.asarray(clean_pred)[:n]
+        metrics = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
+                            protocol.norm)
+        images = per_image(sel, res, votes, clean_pred)
+        ok = _success(votes, protocol.check_queries) & _within(sel, res, protocol.eps, protocol.norm)
+        images["success"] = ok.tolist()
+        return {"id": cell.id, "label": cell.label, "cell": c, "level": level, "calibration": calib,
+                "attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost), "metrics": metrics,
+                "defended": self.defended_accuracy(c, level), "images": images}
+
+
+def _is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+def _done_mask(cells: list[Cell], done: dict) -> np.ndarray:
+    mask = np.asarray([c.id in done for c in cells], np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+    return mask.astype(bool)
+
+
+def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, progress: bool = True,
+              log: Callable[[str], Any] | None = None, sweeper: Sweeper | None = None) -> list[dict]:
+    """Expand, validate, and run (resumably) every unfinished cell of ``grid``; records in cell order.
+
+    ``grid``: a dict, a JSON file or a built-in name. Nothing runs (and ``out`` is not created)
+    unless the whole grid validates.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    grid = resolve(load_grid(grid), size)
+    cells = expand(grid)
+    plan(cells, data_dir)
+    out = Path(out)
+    writer = _is_writer()
+    path = out / RESULTS
+    done = {}
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        done = read_results(path, repair=True)
+        read_results(out / TIMING, repair=True)
+        _write_json(out / "sweep.json", {"grid": grid, "size": size, "cells": [
+            {"id": c.id, "label": c.label, "cell": c.d} for c in cells]})
+    mask = _done_mask(cells, done)
+    pending = [c for c, m in zip(cells, mask) if not m]
+    sweeper = sweeper or Sweeper(cache_dir, data_dir, progress=progress)
+    log(f"sweep {grid.get('name', '')!r} ({size}): {len(cells)} cells, {len(cells) - len(pending)} already done, "
+        f"{len(pending)} to run on {sweeper.n_devices} device(s); results in {path}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc="cells", unit="cell",
+               disable=not (progress and writer), file=sys.stderr, dynamic_ncols=True)
+    new = {}
+    try:
+        for cell in pending:
+            bar.set_postfix_str(cell.label[:60])
+            t0 = time.time()
+            rec = sweeper.run(cell)
+            if writer:
+                _append_line(path, rec)
+                _append_line(out / TIMING, {"id": cell.id, "label": cell.label, "seconds": time.time() - t0,
+                                            "devices": sweeper.n_devices})
+            new[cell.id] = _canon(_strict(rec))
+            bar.update()
+    finally:
+        bar.close()
+    if writer:
+        done = read_results(path)
+    return [done.get(c.id) or new.get(c.id) for c in cells]
