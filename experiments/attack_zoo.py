@@ -33,9 +33,12 @@ and ``timing.json`` (wall-clock seconds per cell, kept apart so results stay rep
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -43,7 +46,9 @@ from experiments.common import setup, table, write_csv, write_json
 from rnd_jax import data, models, plots
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
-from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
+from rnd_jax.evaluate import (Protocol, cell_inputs, defended_accuracy, image_keys, make_runner, run_cell, select_images,
+                              validate_selection)
+from rnd_jax.oracle import Oracle
 
 plt = plots.plt  # the headless (Agg) pyplot configured by rnd_jax.plots
 
@@ -132,12 +137,30 @@ def cells(sigmas, nus) -> list[tuple[str, float]]:
     return out
 
 
+def levels(defense: str, level: float) -> tuple[float, float]:
+    """The cell's (sigma, nu): output-noise and input-noise levels, 0 for the defense it does not use."""
+    return (level, 0.0) if defense == "output_noise" else (0.0, level) if defense == "input_noise" else (0.0, 0.0)
+
+
+def defend_levels(clean, sigma_nu):
+    """Input noise ``nu``, then output noise ``sigma`` (probabilities); a level of 0 leaves the answer as is.
+
+    The levels may be traced, so every cell of an attack runs one compiled program."""
+    return output_noise(input_noise(clean, sigma_nu[1]), sigma_nu[0], "probs")
+
+
 def defend(clean, defense: str, level: float):
-    if defense == "output_noise":
-        return output_noise(clean, level, "probs")
-    if defense == "input_noise":
-        return input_noise(clean, level)
-    return clean
+    return defend_levels(clean, levels(defense, level))
+
+
+def level_runner(attack, clean, protocol, sel, keys, options):
+    """One compiled protocol runner for every cell of an attack: ``runner(sigma_nu)(*inputs)``."""
+    def fn(sigma_nu, *inputs):
+        return make_runner(attack, Oracle(defend_levels(clean, sigma_nu), attack.output), clean, protocol)(*inputs)
+
+    compiled = jax.jit(fn).lower(jnp.zeros(2, jnp.float32), *cell_inputs(sel, keys)).compile(
+        compiler_options=options)
+    return lambda sigma_nu: functools.partial(compiled, jnp.asarray(sigma_nu, jnp.float32))
 
 
 def configure(args) -> dict:
@@ -269,28 +292,34 @@ def main(argv=None) -> dict:
         accs = defended_accuracy(defend(clean, d, v), x_test, y_test, k_def_acc, cfg["acc_draws"])
         accuracy[(d, v)] = (float(accs.mean()), float(accs.min()))
 
-    # One runner is compiled per cell; a low XLA backend optimisation level cuts that several-fold.
+    # One runner is compiled per attack (the noise levels are traced); a low XLA backend optimisation level
+    # cuts its compile time several-fold.
     options = {"xla_backend_optimization_level": args.xla_opt_level}
     rows, images, timing = [], {}, {}
-    work = [(run, cell) for run in cfg["attacks"] for cell in grid]
-    bar = tqdm(work, desc="attack x cell", disable=not show)
-    for run, (d, v) in bar:
+    bar = tqdm(total=len(cfg["attacks"]) * len(grid), desc="attack x cell", disable=not show)
+    for run in cfg["attacks"]:
         name = run["attack"]
-        bar.set_postfix_str(f"{name} {d} {v:g}")
         attack = make_attack(name, ctx, **run["config"])
         protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=run["budget"],
                             acc_draws=cfg["acc_draws"], eps=run["config"]["eps"], norm=run["config"]["norm"])
+        validate_selection(attack, Oracle(clean, attack.output), protocol, sel)
         t0 = time.time()
-        metrics, records = evaluate_cell(attack, defend(clean, d, v), clean, sel, keys, protocol,
-                                         compiler_options=options)
-        row = {"attack": name, "goal": cfg["goal"], "defense": d, "level": v, "norm": protocol.norm,
-               "eps": protocol.eps, "budget": protocol.budget, **metrics}
-        row.update(acc_clean=acc_clean, acc_defended_mean=accuracy[(d, v)][0], acc_defended_worst=accuracy[(d, v)][1],
-                   check_queries=protocol.check_queries * cfg["n_images"])
-        rows.append(row)
-        cell_id = f"{name}/{d}/{v:g}"
-        images[cell_id] = records
-        timing[cell_id] = time.time() - t0
+        runner = level_runner(attack, clean, protocol, sel, keys, options)
+        timing[f"{name}/compile"] = time.time() - t0
+        for d, v in grid:
+            bar.set_postfix_str(f"{name} {d} {v:g}")
+            t0 = time.time()
+            metrics, records = run_cell(runner(levels(d, v)), sel, keys, protocol)
+            row = {"attack": name, "goal": cfg["goal"], "defense": d, "level": v, "norm": protocol.norm,
+                   "eps": protocol.eps, "budget": protocol.budget, **metrics}
+            row.update(acc_clean=acc_clean, acc_defended_mean=accuracy[(d, v)][0],
+                       acc_defended_worst=accuracy[(d, v)][1], check_queries=protocol.check_queries * cfg["n_images"])
+            rows.append(row)
+            cell_id = f"{name}/{d}/{v:g}"
+            images[cell_id] = records
+            timing[cell_id] = time.time() - t0
+            bar.update()
+    bar.close()
 
     print(table(rows, COLUMNS))
     for key_, fmt, what in (("asr", ".2f", "ASR (majority of 9 defended checks, within eps)"),

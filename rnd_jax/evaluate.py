@@ -203,12 +203,20 @@ def evaluate_cell(attack: Attack, defended: Scorer, clean: Scorer, sel: Selectio
     """
     oracle = Oracle(defended, output or attack.output)
     validate_selection(attack, oracle, protocol, sel)
-    ka, kd, kc = keys
-    inputs = (sel.images, sel.labels, sel.targets, ka, kd, kc)
     runner = jax.jit(make_runner(attack, oracle, clean, protocol))
     if compiler_options:
-        runner = runner.lower(*inputs).compile(compiler_options=compiler_options)
-    res, votes, clean_pred = jax.block_until_ready(runner(*inputs))
+        runner = runner.lower(*cell_inputs(sel, keys)).compile(compiler_options=compiler_options)
+    return run_cell(runner, sel, keys, protocol, budgets)
+
+
+def cell_inputs(sel: Selection, keys):
+    """The arguments of a :func:`make_runner` runner for a selection and its ``(ka, kd, kc)`` keys."""
+    return (sel.images, sel.labels, sel.targets, *keys)
+
+
+def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=()):
+    """Run a (jitted) :func:`make_runner` runner on a selection and summarize it, as :func:`evaluate_cell`."""
+    res, votes, clean_pred = jax.block_until_ready(runner(*cell_inputs(sel, keys)))
     row = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                     protocol.norm)
     q = np.asarray(res.queries)
