@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rnd_jax.attacks.driver import Attack
+
 NORMS = ("l2", "linf")
 TINY = 1e-12
 
@@ -405,3 +407,101 @@ def opt_line_search(oracle, offset, x0, theta, g, grad, alpha, tol, cls, targete
     _, alpha, th_best, g_best, _, offset = run_if(
         ~improved, down, (jnp.zeros((), jnp.int32), alpha, th_best, g_best, jnp.zeros((), bool), offset))
     return LineSearch(th_best, g_best, alpha, offset)
+
+
+class RayState(NamedTuple):
+    """State of the OPT family (OPT, Sign-OPT)."""
+    x: jax.Array  # best adversarial point
+    x0: jax.Array
+    cls: jax.Array
+    key: jax.Array
+    step: jax.Array
+    done: jax.Array
+    failed: jax.Array
+    found: jax.Array
+    tries: jax.Array
+    dist: jax.Array  # l2 distance of x
+    theta: jax.Array  # unit search direction
+    g: jax.Array  # g(theta)
+    alpha: jax.Array
+    beta: jax.Array
+
+
+class RayInfo(NamedTuple):
+    loss: jax.Array  # distance of the best point
+    queries: jax.Array
+    g: jax.Array  # g(theta) after the step
+
+
+def start_ray(oracle, offset, key, st, cfg, pool, tol):
+    """Start of the OPT family: find a start, bisect along its ray: ``(start, theta, g, offset)``."""
+    s, offset = start_step(oracle, offset, key, st.x0, st.cls, st.tries, cfg, pool)
+    lam_s = distance(s.x, st.x0, "l2")
+    theta = unit(s.x - st.x0)
+    point = lambda lam: ray_point(st.x0, theta, lam)
+    n_bisect = halvings(tol / 8.0) + 3  # enough for distances up to 8 (the l2 diameter of an 8x8 image)
+    _, g, offset = run_if(s.found, lambda c: bisect(oracle, c[2], point, c[0], c[1], tol, n_bisect, st.cls,
+                                                     cfg.targeted), (jnp.zeros(()), lam_s, offset))
+    return s, theta, g, offset
+
+
+def ray_attack(cfg, pool, estimate, estimate_cost: int):
+    """The OPT family's attack around a direction estimate (OPT: finite differences; Sign-OPT: signs).
+
+    A step either searches a start (``start_ray``) or iterates: ``estimate(oracle, offset, key, x0,
+    theta, g, beta, tol, cls) -> (direction, offset, g_probe, theta_probe)`` with at most
+    ``estimate_cost`` queries, then ``opt_line_search`` along ``-direction`` (``ls_queries``
+    allowance); the best probe (``g_probe < inf``) replaces the line-search result when it is
+    better, and ``alpha < 1e-4`` resets ``alpha`` to 1 and shrinks ``beta`` tenfold (floored at
+    ``min_beta``). ``cfg`` needs ``targeted, eps, alpha, beta, min_tol, min_beta, start_tol,
+    start_candidates, start_steps, max_trials, max_scale, max_bisect, ls_queries``.
+    """
+    targeted = cfg.targeted
+    n_start = halvings(cfg.start_tol / 8.0) + 3
+
+    def init(key, x0, label, target):
+        x0 = jnp.asarray(x0, jnp.float32)
+        cls = jnp.asarray(target if targeted else label, jnp.int32)
+        z, f, inf = jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.asarray(jnp.inf, jnp.float32)
+        return RayState(x0, x0, cls, key, z, f, f, f, z, inf, jnp.zeros_like(x0), inf,
+                        jnp.asarray(cfg.alpha, jnp.float32), jnp.asarray(cfg.beta, jnp.float32))
+
+    def step(state: RayState, oracle):
+        k_start, k_u = jax.random.split(jax.random.fold_in(state.key, state.step))
+        x0, cls = state.x0, state.cls
+
+        def search(c):
+            st, off = c
+            s, theta, g, off = start_ray(oracle, off, k_start, st, cfg, pool, cfg.start_tol)
+            x = ray_point(x0, theta, g)
+            d = distance(x, x0, "l2")
+            st = st._replace(found=s.found, failed=s.failed, tries=s.tries,
+                             theta=jnp.where(s.found, theta, st.theta), g=jnp.where(s.found, g, st.g),
+                             x=jnp.where(s.found, x, st.x), dist=jnp.where(s.found, d, st.dist))
+            return st, off
+
+        def iterate(c):
+            st, off = c
+            theta, g, beta = st.theta, st.g, st.beta
+            tol = jnp.maximum(beta / 500.0, cfg.min_tol)
+            direction, off, g_probe, th_probe = estimate(oracle, off, k_u, x0, theta, g, beta, tol, cls)
+            ls = opt_line_search(oracle, off, x0, theta, g, direction, st.alpha, tol, cls, targeted, cfg.max_trials,
+                                 cfg.max_scale, cfg.max_bisect, off + cfg.ls_queries)
+            use_probe = g_probe < ls.g
+            theta_n = jnp.where(use_probe, th_probe, ls.theta)
+            g_n = jnp.where(use_probe, g_probe, ls.g)
+            reset = ls.alpha < 1e-4
+            x_new = ray_point(x0, theta_n, g_n)
+            x, dist = keep_best(st.x, st.dist, x_new, distance(x_new, x0, "l2"), g_n < g)
+            st = st._replace(theta=theta_n, g=g_n, alpha=jnp.where(reset, 1.0, ls.alpha),
+                             beta=jnp.where(reset, jnp.maximum(0.1 * beta, cfg.min_beta), beta), x=x, dist=dist)
+            return st, ls.offset
+
+        zero = jnp.zeros((), jnp.int32)
+        st, off = run_if(~state.found, search, (state, zero))
+        st, off = run_if(state.found, iterate, (st, off))
+        st = st._replace(step=state.step + 1, done=is_done(st.found, st.dist, cfg.eps))
+        return st, RayInfo(loss=st.dist, queries=off, g=st.g)
+
+    cost = max(cfg.start_candidates + n_start, estimate_cost + cfg.ls_queries)
+    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)

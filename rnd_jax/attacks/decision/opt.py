@@ -34,13 +34,11 @@ of another / the target class or a noise image, bisected along its ray. Worst ca
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rnd_jax.attacks.decision import _common as C
-from rnd_jax.attacks.decision.signopt import start_ray
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
 
@@ -72,95 +70,26 @@ class OPTConfig:
         C.check_int("ls_queries", self.ls_queries, 1 + self.max_scale + self.max_bisect)
 
 
-class OPTState(NamedTuple):
-    x: jax.Array
-    x0: jax.Array
-    cls: jax.Array
-    key: jax.Array
-    step: jax.Array
-    done: jax.Array
-    failed: jax.Array
-    found: jax.Array
-    tries: jax.Array
-    dist: jax.Array
-    theta: jax.Array
-    g: jax.Array
-    alpha: jax.Array
-    beta: jax.Array
-
-
-class OPTInfo(NamedTuple):
-    loss: jax.Array
-    queries: jax.Array
-    g: jax.Array
-
-
 def opt(cfg: OPTConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
     """Build OPT for ``cfg``; ``pool`` holds training images for starting points."""
-    targeted, q = cfg.targeted, cfg.q
-    n_start = C.halvings(cfg.start_tol / 8.0) + 3
+    q = cfg.q
 
-    def init(key, x0, label, target):
-        x0 = jnp.asarray(x0, jnp.float32)
-        cls = jnp.asarray(target if targeted else label, jnp.int32)
-        z, f, inf = jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.asarray(jnp.inf, jnp.float32)
-        return OPTState(x0, x0, cls, key, z, f, f, f, z, inf, jnp.zeros_like(x0), inf,
-                        jnp.asarray(cfg.alpha, jnp.float32), jnp.asarray(cfg.beta, jnp.float32))
+    def estimate(oracle, off, key, x0, theta, g, beta, tol, cls):
+        u = C.unit_rows(jax.random.normal(key, (q,) + theta.shape))
 
-    def step(state: OPTState, oracle):
-        k = jax.random.fold_in(state.key, state.step)
-        k_start, k_u = jax.random.split(k)
-        x0, cls = state.x0, state.cls
+        def probe(i, cc):
+            off, grad, g_min, th_min = cc
+            th = C.unit(theta + beta * u[i])
+            g_i, _, off = C.ray_search(oracle, off, x0, th, g, tol, cfg.max_scale, cfg.max_bisect, cls, cfg.targeted,
+                                       True)
+            better = g_i < g_min
+            return off, grad + (g_i - g) / beta * u[i], jnp.where(better, g_i, g_min), jnp.where(better, th, th_min)
 
-        def search(c):
-            st, off = c
-            s, theta, g, off, _ = start_ray(oracle, off, k_start, st, cfg, pool, cfg.start_tol)
-            x = C.ray_point(x0, theta, g)
-            d = C.distance(x, x0, "l2")
-            st = st._replace(found=s.found, failed=s.failed, tries=s.tries,
-                             theta=jnp.where(s.found, theta, st.theta), g=jnp.where(s.found, g, st.g),
-                             x=jnp.where(s.found, x, st.x), dist=jnp.where(s.found, d, st.dist))
-            return st, off
+        off, grad, g_min, th_min = jax.lax.fori_loop(0, q, probe, (off, jnp.zeros_like(theta), jnp.asarray(jnp.inf),
+                                                                   theta))
+        return grad / q, off, g_min, th_min
 
-        def iterate(c):
-            st, off = c
-            theta, g, beta = st.theta, st.g, st.beta
-            u = C.unit_rows(jax.random.normal(k_u, (q,) + theta.shape))
-            tol = jnp.maximum(beta / 500.0, cfg.min_tol)
-
-            def probe(i, cc):
-                off, grad, g_min, th_min = cc
-                th = C.unit(theta + beta * u[i])
-                g_i, _, off = C.ray_search(oracle, off, x0, th, g, tol, cfg.max_scale, cfg.max_bisect, cls, targeted,
-                                           True)
-                better = g_i < g_min
-                return (off, grad + (g_i - g) / beta * u[i], jnp.where(better, g_i, g_min),
-                        jnp.where(better, th, th_min))
-
-            off, grad, g_min, th_min = jax.lax.fori_loop(0, q, probe, (off, jnp.zeros_like(theta),
-                                                                       jnp.asarray(jnp.inf), theta))
-            grad = grad / q
-            ls = C.opt_line_search(oracle, off, x0, theta, g, grad, st.alpha, tol, cls, targeted, cfg.max_trials,
-                                   cfg.max_scale, cfg.max_bisect, off + cfg.ls_queries)
-            use_probe = g_min < ls.g
-            theta_n = jnp.where(use_probe, th_min, ls.theta)
-            g_n = jnp.where(use_probe, g_min, ls.g)
-            reset = ls.alpha < 1e-4
-            x_new = C.ray_point(x0, theta_n, g_n)
-            d_new = C.distance(x_new, x0, "l2")
-            x, dist = C.keep_best(st.x, st.dist, x_new, d_new, g_n < g)
-            st = st._replace(theta=theta_n, g=g_n, alpha=jnp.where(reset, 1.0, ls.alpha),
-                             beta=jnp.where(reset, jnp.maximum(0.1 * beta, cfg.min_beta), beta), x=x, dist=dist)
-            return st, ls.offset
-
-        zero = jnp.zeros((), jnp.int32)
-        st, off = C.run_if(~state.found, search, (state, zero))
-        st, off = C.run_if(state.found, iterate, (st, off))
-        st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
-        return st, OPTInfo(loss=st.dist, queries=off, g=st.g)
-
-    cost = max(cfg.start_candidates + n_start, q * (1 + cfg.max_scale + cfg.max_bisect) + cfg.ls_queries)
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return C.ray_attack(cfg, pool, estimate, q * (1 + cfg.max_scale + cfg.max_bisect))
 
 
 register(AttackSpec(

@@ -37,7 +37,6 @@ at most ``K + ls_queries`` queries.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,94 +73,18 @@ class SignOPTConfig:
         C.check_int("ls_queries", self.ls_queries, 1 + self.max_scale + self.max_bisect)
 
 
-class SignOPTState(NamedTuple):
-    x: jax.Array  # best adversarial point
-    x0: jax.Array
-    cls: jax.Array
-    key: jax.Array
-    step: jax.Array
-    done: jax.Array
-    failed: jax.Array
-    found: jax.Array
-    tries: jax.Array
-    dist: jax.Array  # l2 distance of x
-    theta: jax.Array  # unit search direction
-    g: jax.Array  # g(theta)
-    alpha: jax.Array
-    beta: jax.Array
-
-
-class SignOPTInfo(NamedTuple):
-    loss: jax.Array  # distance of the best point
-    queries: jax.Array
-    g: jax.Array  # g(theta) after the step
-
-
-def start_ray(oracle, offset, key, st, cfg, pool, tol):
-    """Shared start of the OPT family: find a start, bisect along its ray: (found, failed, tries, theta, g, off)."""
-    s, offset = C.start_step(oracle, offset, key, st.x0, st.cls, st.tries, cfg, pool)
-    lam_s = C.distance(s.x, st.x0, "l2")
-    theta = C.unit(s.x - st.x0)
-    point = lambda lam: C.ray_point(st.x0, theta, lam)
-    n_bisect = C.halvings(tol / 8.0) + 3  # enough for distances up to 8 (the l2 diameter of an 8x8 image)
-    _, g, offset = C.run_if(s.found, lambda c: C.bisect(oracle, c[2], point, c[0], c[1], tol, n_bisect, st.cls,
-                                                         cfg.targeted), (jnp.zeros(()), lam_s, offset))
-    return s, theta, g, offset, n_bisect
-
-
 def signopt(cfg: SignOPTConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
     """Build Sign-OPT for ``cfg``; ``pool`` holds training images for starting points."""
-    targeted, K = cfg.targeted, cfg.k
-    n_start = C.halvings(cfg.start_tol / 8.0) + 3
+    K = cfg.k
 
-    def init(key, x0, label, target):
-        x0 = jnp.asarray(x0, jnp.float32)
-        cls = jnp.asarray(target if targeted else label, jnp.int32)
-        z, f, inf = jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.asarray(jnp.inf, jnp.float32)
-        return SignOPTState(x0, x0, cls, key, z, f, f, f, z, inf, jnp.zeros_like(x0), inf,
-                            jnp.asarray(cfg.alpha, jnp.float32), jnp.asarray(cfg.beta, jnp.float32))
+    def estimate(oracle, off, key, x0, theta, g, beta, tol, cls):
+        u = C.unit_rows(jax.random.normal(key, (K,) + theta.shape))
+        th_k = C.unit_rows(theta[None] + beta * u)
+        adv, off = C.ask(oracle, off, jax.vmap(lambda t: C.ray_point(x0, t, g))(th_k), cls, cfg.targeted)
+        s = jnp.tensordot(jnp.where(adv, -1.0, 1.0), u, axes=1) / K
+        return s, off, jnp.asarray(jnp.inf, jnp.float32), theta  # no probe competes with the line search
 
-    def step(state: SignOPTState, oracle):
-        k = jax.random.fold_in(state.key, state.step)
-        k_start, k_u = jax.random.split(k)
-        x0, cls = state.x0, state.cls
-
-        def search(c):
-            st, off = c
-            s, theta, g, off, _ = start_ray(oracle, off, k_start, st, cfg, pool, cfg.start_tol)
-            x = C.ray_point(x0, theta, g)
-            d = C.distance(x, x0, "l2")
-            st = st._replace(found=s.found, failed=s.failed, tries=s.tries,
-                             theta=jnp.where(s.found, theta, st.theta), g=jnp.where(s.found, g, st.g),
-                             x=jnp.where(s.found, x, st.x), dist=jnp.where(s.found, d, st.dist))
-            return st, off
-
-        def iterate(c):
-            st, off = c
-            theta, g, beta = st.theta, st.g, st.beta
-            u = C.unit_rows(jax.random.normal(k_u, (K,) + theta.shape))
-            th_k = C.unit_rows(theta[None] + beta * u)
-            adv, off = C.ask(oracle, off, jax.vmap(lambda t: C.ray_point(x0, t, g))(th_k), cls, targeted)
-            s = jnp.tensordot(jnp.where(adv, -1.0, 1.0), u, axes=1) / K
-            tol = jnp.maximum(beta / 500.0, cfg.min_tol)
-            ls = C.opt_line_search(oracle, off, x0, theta, g, s, st.alpha, tol, cls, targeted, cfg.max_trials,
-                                   cfg.max_scale, cfg.max_bisect, off + cfg.ls_queries)
-            reset = ls.alpha < 1e-4
-            x_new = C.ray_point(x0, ls.theta, ls.g)
-            d_new = C.distance(x_new, x0, "l2")
-            x, dist = C.keep_best(st.x, st.dist, x_new, d_new, ls.g < g)
-            st = st._replace(theta=ls.theta, g=ls.g, alpha=jnp.where(reset, 1.0, ls.alpha),
-                             beta=jnp.where(reset, jnp.maximum(0.1 * beta, cfg.min_beta), beta), x=x, dist=dist)
-            return st, ls.offset
-
-        zero = jnp.zeros((), jnp.int32)
-        st, off = C.run_if(~state.found, search, (state, zero))
-        st, off = C.run_if(state.found, iterate, (st, off))
-        st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
-        return st, SignOPTInfo(loss=st.dist, queries=off, g=st.g)
-
-    cost = max(cfg.start_candidates + n_start, K + cfg.ls_queries)
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return C.ray_attack(cfg, pool, estimate, K)
 
 
 register(AttackSpec(
