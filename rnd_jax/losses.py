@@ -70,3 +70,13 @@ def untargeted_xent(probs, label):
 # for targeted losses and the true label for untargeted ones.
 TARGETED = {"xent": targeted_xent, "cw": targeted_cw}
 UNTARGETED = {"margin": margin, "xent": untargeted_xent}
+
+
+def check_goal(attack: str, targeted, loss) -> None:
+    """Validate an attack config's ``targeted`` flag and ``loss`` name (``None`` = the goal's default)."""
+    if not isinstance(targeted, bool):
+        raise ValueError(f"targeted must be a bool, got {targeted!r}")
+    table = TARGETED if targeted else UNTARGETED
+    if loss is not None and loss not in table:
+        goal = "targeted" if targeted else "untargeted"
+        raise ValueError(f"unknown {goal} {attack} loss {loss!r}; choose one of {sorted(table)}")

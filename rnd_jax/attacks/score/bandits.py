@@ -102,12 +102,7 @@ class BanditsConfig:
             _positive(name, getattr(self, name), allow_none=True)
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
             raise ValueError(f"Bandits tile must be an int >= 1 (pixels per tile side), got {self.tile!r}")
-        if not isinstance(self.targeted, bool):
-            raise ValueError(f"targeted must be a bool, got {self.targeted!r}")
-        table = losses.TARGETED if self.targeted else losses.UNTARGETED
-        if self.loss is not None and self.loss not in table:
-            goal = "targeted" if self.targeted else "untargeted"
-            raise ValueError(f"unknown {goal} Bandits loss {self.loss!r}; choose one of {sorted(table)}")
+        losses.check_goal("Bandits", self.targeted, self.loss)
 
     @property
     def loss_name(self) -> str:

@@ -61,10 +61,7 @@ class NESConfig:
             raise ValueError(f"NES momentum must be in [0, 1), got {self.momentum!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2 or self.samples % 2:
             raise ValueError(f"NES samples J must be an even int >= 2 (antithetic pairs), got {self.samples!r}")
-        table = losses.TARGETED if self.targeted else losses.UNTARGETED
-        if self.loss is not None and self.loss not in table:
-            goal = "targeted" if self.targeted else "untargeted"
-            raise ValueError(f"unknown {goal} NES loss {self.loss!r}; choose one of {sorted(table)}")
+        losses.check_goal("NES", self.targeted, self.loss)
 
     @property
     def step_size(self) -> float:

@@ -109,12 +109,7 @@ class PRGFConfig:
         _int("samples", self.samples, 1)
         _int("norm_samples", self.norm_samples, 1)
         _int("norm_every", self.norm_every, 1)
-        if not isinstance(self.targeted, bool):
-            raise ValueError(f"targeted must be a bool, got {self.targeted!r}")
-        table = losses.TARGETED if self.targeted else losses.UNTARGETED
-        if self.loss is not None and self.loss not in table:
-            goal = "targeted" if self.targeted else "untargeted"
-            raise ValueError(f"unknown {goal} P-RGF loss {self.loss!r}; choose one of {sorted(table)}")
+        losses.check_goal("P-RGF", self.targeted, self.loss)
 
     @property
     def loss_name(self) -> str:

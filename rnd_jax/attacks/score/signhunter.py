@@ -66,12 +66,7 @@ class SignHunterConfig:
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
                 math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"SignHunter eps must be a finite number > 0, got {self.eps!r}")
-        if not isinstance(self.targeted, bool):
-            raise ValueError(f"targeted must be a bool, got {self.targeted!r}")
-        table = losses.TARGETED if self.targeted else losses.UNTARGETED
-        if self.loss is not None and self.loss not in table:
-            goal = "targeted" if self.targeted else "untargeted"
-            raise ValueError(f"unknown {goal} SignHunter loss {self.loss!r}; choose one of {sorted(table)}")
+        losses.check_goal("SignHunter", self.targeted, self.loss)
 
     @property
     def loss_name(self) -> str:
