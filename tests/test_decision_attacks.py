@@ -154,7 +154,13 @@ def test_noisy_answers_end_within_budget_and_the_best_point_is_returned(name, at
         assert (c.state.dist_b >= c.state.dist - 1e-6).all()
 
 
-@pytest.mark.parametrize("name", DECISION)
+# The majority check belongs to the protocol, not to an attack: three attacks of different kinds run by
+# default (a random walk, a gradient estimate, a sign estimate); the others run with -m slow.
+MAJORITY_FAST = ("boundary", "hsja", "signopt")
+
+
+@pytest.mark.parametrize("name", [n if n in MAJORITY_FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in DECISION])
 def test_majority_vote_rejects_lucky_false_adversarials(name, attack_set, pool, clean_scorer):
     """A model that answers a random wrong class 10% of the time: the attack stops on single lucky
     answers near x0; the protocol's majority of 9 fresh answers rejects those points."""
