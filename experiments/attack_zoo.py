@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import setup, table, write_csv, write_json
+from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json
 from rnd_jax import data, models, plots
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
@@ -76,8 +76,7 @@ def get_parser() -> argparse.ArgumentParser:
         description="Every registered score-based attack against output-noise (sigma) and input-noise (nu) "
                     "defenses: ASR / queries / distortion (Aithal & Li 2022 Tables 2/9; SND Table 3).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
-    p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+    add_model_args(p)
     p.add_argument("--attacks", nargs="+", default=None,
                    help=f"score attacks to run (default: all registered: {', '.join(score_attacks())})")
     p.add_argument("--n-images", type=int, default=50, help="correctly classified test images to attack")
@@ -89,15 +88,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"input-noise std levels (default {list(DEFAULT_NUS)}; smoke [0])")
     p.add_argument("--targeted", action=argparse.BooleanOptionalAction, default=True,
                    help="targeted attacks (random target != label); --no-targeted for untargeted")
-    p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")
-    p.add_argument("--train-seed", type=int, default=0, help="seed of the attacked model's training")
     p.add_argument("--surrogate-seed", type=int, default=1,
                    help="seed of the surrogate model's training (transfer priors); must differ from --train-seed")
     p.add_argument("--surrogate-model", default=None, help="surrogate architecture; default: the attacked model's")
     p.add_argument("--acc-draws", type=int, default=40, help="noise draws for the defended clean accuracy")
-    p.add_argument("--out", default="runs/attack_zoo", help="output folder")
-    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
-    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
+    add_run_args(p, "runs/attack_zoo")
     p.add_argument("--xla-opt-level", type=int, default=1, choices=(0, 1, 2, 3),
                    help="XLA backend optimisation level of each cell's runner (3 = XLA's default): level 1 "
                         "compiles several times faster than 3 and runs about as fast; results are "
@@ -105,7 +100,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run for tests: all chosen attacks, 4 images, budget <= {SMOKE_BUDGET} "
                         "(or two steps), sigma in {0, 1e-2} and nu in {0} unless given, 4 accuracy draws")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -12,6 +12,24 @@ from pathlib import Path
 from types import SimpleNamespace
 
 
+def add_model_args(p) -> None:
+    """``--dataset`` and ``--model``, the options naming the attacked model."""
+    from rnd_jax import data, models
+
+    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
+    p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+
+
+def add_run_args(p, out: str) -> None:
+    """Seeds, folders and progress: the options every attack experiment shares (see :func:`setup`)."""
+    p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")
+    p.add_argument("--train-seed", type=int, default=0, help="seed of model training (part of the checkpoint key)")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | None = None,
           surrogate_model: str | None = None) -> SimpleNamespace:
     """The start every attack experiment shares, after its options are validated.

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import setup, table, write_csv, write_json
+from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json
 from rnd_jax import data, models
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import check_level
@@ -80,8 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
         description="Every decision-based attack vs SND input noise and output noise: ASR at several budgets, "
                     "l2 of the query images, P_mis (Byun et al. 2022, Tables 2-4).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
-    p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+    add_model_args(p)
     p.add_argument("--attacks", nargs="+", default=None, help="decision attacks to run (default: all registered)")
     p.add_argument("--n-images", type=int, default=16, help="correctly classified test images to attack")
     p.add_argument("--max-queries", type=int, default=10_000, help="query budget per image (the largest checkpoint)")
@@ -93,15 +92,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-l2", type=float, default=1.0, help="success radius of the l2 attacks")
     p.add_argument("--eps-linf", type=float, default=0.15, help="success radius of the l_inf attacks")
     p.add_argument("--clean-draws", type=int, default=20, help="noise draws per test image for P_mis on clean images")
-    p.add_argument("--seed", type=int, default=0, help="root seed of image choice, attack and defense")
-    p.add_argument("--train-seed", type=int, default=0, help="seed of model training (part of the checkpoint key)")
-    p.add_argument("--out", default="runs/decision_attacks", help="output folder")
-    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
-    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
+    add_run_args(p, "runs/decision_attacks")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for tests: 3 images, 600 queries (checkpoints 200/600), nu 0 and 1e-2, "
                         f"sigma 1e-2; attacks {', '.join(SMOKE_ATTACKS)} unless --attacks is given")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

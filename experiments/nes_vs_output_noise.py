@@ -24,7 +24,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from experiments.common import setup, table, write_csv, write_json
+from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json
 from rnd_jax import data, models
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
@@ -47,8 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
         description="Targeted/untargeted NES against output-noise defenses over a grid of sigma "
                     "(Aithal & Li 2022, Table 2 / Table 12).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
-    p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+    add_model_args(p)
     p.add_argument("--n-images", type=int, default=100, help="correctly classified test images to attack")
     p.add_argument("--max-queries", type=int, default=10_000, help="query budget per image")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="output-noise std levels")
@@ -60,14 +59,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=50, help="NES samples J per step (even)")
     p.add_argument("--beta", type=float, default=1e-3, help="NES search variance")
     p.add_argument("--lr", type=float, default=None, help="NES step size (default eps/10 linf, eps/5 l2)")
-    p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")
-    p.add_argument("--train-seed", type=int, default=0, help="seed of model training (part of the checkpoint key)")
     p.add_argument("--acc-draws", type=int, default=40, help="noise draws for the defended clean accuracy")
-    p.add_argument("--out", default="runs/nes_vs_output_noise", help="output folder")
-    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
-    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
+    add_run_args(p, "runs/nes_vs_output_noise")
     p.add_argument("--smoke", action="store_true", help="tiny run for tests: 8 images, 1 000 queries, sigma 0 and 1e-2")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
