@@ -1,7 +1,13 @@
-"""Shared fixtures: one trained digits model per test session, in a private checkpoint cache."""
+"""Shared fixtures: one trained digits model per test session, in a private checkpoint cache.
+
+Under pytest-xdist the workers of one session share the cache folder, and a file lock lets one of
+them train each model while the others wait and load it (saves are atomic, see ``rnd_jax.train``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 
 import jax
@@ -14,7 +20,11 @@ from rnd_jax.defenses import model_scorer
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rnd_jax_cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the session's base folder is shared by its workers
+        d = tmp_path_factory.getbasetemp().parent / "rnd_jax_cache"
+        d.mkdir(exist_ok=True)
+    else:
+        d = tmp_path_factory.mktemp("rnd_jax_cache")
     old = os.environ.get("RND_JAX_CACHE")
     os.environ["RND_JAX_CACHE"] = str(d)
     yield d
@@ -24,10 +34,26 @@ def cache_dir(tmp_path_factory):
         os.environ["RND_JAX_CACHE"] = old
 
 
+@contextlib.contextmanager
+def _locked(path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _trained(cache_dir, seed: int):
+    with _locked(cache_dir / f".train-digits-{seed}.lock"):
+        return train.load_or_train("digits_cnn", "digits", train.TrainConfig(seed=seed), cache_dir=cache_dir,
+                                   progress=False)
+
+
 @pytest.fixture(scope="session")
 def digits_model(cache_dir):
     """(model, params) of the default digits classifier, trained once per session."""
-    return train.load_or_train("digits_cnn", "digits", train.TrainConfig(), cache_dir=cache_dir, progress=False)
+    return _trained(cache_dir, 0)
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +65,7 @@ def clean_scorer(digits_model):
 @pytest.fixture(scope="session")
 def surrogate_scorer(cache_dir):
     """A separately trained digits model (another seed): the transfer prior of P-RGF-like attacks."""
-    model, params = train.load_or_train("digits_cnn", "digits", train.TrainConfig(seed=1), cache_dir=cache_dir,
-                                        progress=False)
+    model, params = _trained(cache_dir, 1)
     return model_scorer(model, params)
 
 

@@ -101,7 +101,7 @@ def test_succeeds_undefended(name, context, clean_scorer, attack_set):
 @pytest.mark.parametrize("name", NAMES)
 def test_eager_counter_proves_budget(name, context, clean_scorer, attack_set):
     attack, _ = build(name, context, goals(name)[-1])
-    budget = 3 * attack.cost + attack.cost // 2  # a budget that is not a whole number of steps
+    budget = 2 * attack.cost + attack.cost // 2  # a budget that is not a whole number of steps
     counter = QueryCounter(output_noise(clean_scorer, 1e-3))
     with jax.disable_jit():
         res = driver.run_one(attack, oracle_for(attack, counter), attack_set.images[0], attack_set.labels[0],
