@@ -10,6 +10,12 @@ import contextlib
 import fcntl
 import os
 
+# The suite compiles hundreds of small programs and runs each briefly: XLA's backend optimisation
+# level 1 (instead of the default) cuts its CPU time by about a third. Set before JAX starts its
+# backend; subprocesses started by tests inherit it. An explicit level in XLA_FLAGS wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+
 import jax
 import numpy as np
 import pytest

@@ -214,7 +214,7 @@ def test_sharded_equals_unsharded(reference, grid_file, cache_dir, tmp_path):
     ref, _ = reference
     out = tmp_path / "sharded"
     proc = run_cli(["--grid", str(grid_file.with_name("one.json")), "--out", str(out), "--cache-dir", str(cache_dir)],
-                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                   env_extra={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"})
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr.decode()[-3000:]
     assert "on 4 device(s)" in stderr.decode()
