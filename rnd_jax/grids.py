@@ -95,33 +95,27 @@ _add({
                           "queries of the successes"),
 })
 
-_add({
-    "name": "aithal_table3",
-    "description": "untargeted hard-label attacks x output noise sigma (Aithal & Li Tables 3/10)",
-    "attacks": ["hsja", "signopt"],
-    "defenses": [{"name": "output_noise", "levels": [0.0, 1e-4, 1e-2, 1e-1]}],
-    "targeted": False, "budgets": [2_000], "n_images": 20, "acc_draws": 20,
-    "smoke": {"attacks": ["hsja"], "n_images": 4, "budgets": [600],
-              "defenses": [{"name": "output_noise", "levels": [0.0, 1e-1]}], "acc_draws": 4},
-    "full": {"attacks": AITHAL_DECISION, "n_images": FULL_IMAGES, "budgets": [10_000],
-             "defenses": [{"name": "output_noise", "levels": SIGMAS}]},
-    "table": _sigma_table(["asr", "queries_mean", "l2"], "Aithal & Li (2022), Tables 3 and 10",
-                          "Hard-label attacks see only argmax(F(x) + sigma v): ASR within eps and mean queries"),
-})
+def _hard_label(name: str, targeted: bool, full_attacks, tables: str, note: str) -> dict:
+    """Aithal & Li's hard-label tables (3/10): HSJA and Sign-OPT x output noise sigma."""
+    return {
+        "name": name,
+        "description": f"{'targeted' if targeted else 'untargeted'} hard-label attacks x output noise sigma "
+                       f"(Aithal & Li {tables})",
+        "attacks": ["hsja", "signopt"],
+        "defenses": [{"name": "output_noise", "levels": [0.0, 1e-4, 1e-2, 1e-1]}],
+        "targeted": targeted, "budgets": [2_000], "n_images": 20, "acc_draws": 20,
+        "smoke": {"attacks": ["hsja"], "n_images": 4, "budgets": [600],
+                  "defenses": [{"name": "output_noise", "levels": [0.0, 1e-1]}], "acc_draws": 4},
+        "full": {"attacks": full_attacks, "n_images": FULL_IMAGES, "budgets": [10_000],
+                 "defenses": [{"name": "output_noise", "levels": SIGMAS}]},
+        "table": _sigma_table(["asr", "queries_mean", "l2"], f"Aithal & Li (2022), {tables}", note),
+    }
 
-_add({
-    "name": "aithal_table10",
-    "description": "targeted hard-label attacks x output noise sigma (Aithal & Li Table 10)",
-    "attacks": ["hsja", "signopt"],
-    "defenses": [{"name": "output_noise", "levels": [0.0, 1e-4, 1e-2, 1e-1]}],
-    "targeted": True, "budgets": [2_000], "n_images": 20, "acc_draws": 20,
-    "smoke": {"attacks": ["hsja"], "n_images": 4, "budgets": [600],
-              "defenses": [{"name": "output_noise", "levels": [0.0, 1e-1]}], "acc_draws": 4},
-    "full": {"attacks": AITHAL_DECISION_TARGETED, "n_images": FULL_IMAGES,
-             "budgets": [10_000], "defenses": [{"name": "output_noise", "levels": SIGMAS}]},
-    "table": _sigma_table(["asr", "queries_mean", "l2"], "Aithal & Li (2022), Table 10",
-                          "Targeted hard-label attacks vs output noise"),
-})
+
+_add(_hard_label("aithal_table3", False, AITHAL_DECISION, "Tables 3 and 10",
+                 "Hard-label attacks see only argmax(F(x) + sigma v): ASR within eps and mean queries"))
+_add(_hard_label("aithal_table10", True, AITHAL_DECISION_TARGETED, "Table 10",
+                 "Targeted hard-label attacks vs output noise"))
 
 _BITS = [8, 4, 2]
 _add({
