@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json
+from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json, write_timing
 from rnd_jax import data, models, plots
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
@@ -331,8 +331,7 @@ def main(argv=None) -> dict:
     plot_zoo(rows, out / "asr_vs_noise.png",
              f"{cfg['goal']} score attacks vs randomized defenses on {cfg['dataset']}/{cfg['model']} "
              f"({cfg['n_images']} images)")
-    timing["total"] = time.time() - t_start
-    write_json(out / "timing.json", timing)
+    write_timing(out, timing, t_start)
     return results
 
 

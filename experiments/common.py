@@ -92,6 +92,12 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_timing(out: Path, timing: dict, t_start: float) -> None:
+    """``timing.json``: wall-clock seconds per part plus ``total`` since ``t_start``; kept apart from the
+    results so those stay bit-identical between runs."""
+    write_json(out / "timing.json", {**timing, "total": time.time() - t_start})
+
+
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json
+from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json, write_timing
 from rnd_jax import data, models
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import check_level
@@ -339,8 +339,7 @@ def main(argv=None) -> dict:
     write_csv(out / "results.csv", rows, [k for k, _, _ in columns] + extra)
     asr_plot(rows, cfg["checkpoints"], out / "asr_vs_queries.png",
              f"untargeted decision attacks on {cfg['dataset']}/{cfg['model']} ({cfg['n_images']} images)")
-    timing["total"] = time.time() - t_start
-    write_json(out / "timing.json", timing)
+    write_timing(out, timing, t_start)
     return results
 
 

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from experiments.common import setup, table, write_csv, write_json  # noqa: E402
+from experiments.common import setup, table, write_csv, write_json, write_timing  # noqa: E402
 from rnd_jax import data, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
 from rnd_jax.calibrate import calibrate  # noqa: E402
@@ -235,8 +235,7 @@ def main(argv=None) -> dict:
     write_csv(out / "baselines.csv", base_rows, list(base_rows[0]))
     write_csv(out / "calibration.csv", calibs, list(calibs[0]))
     _plot(main_rows, cfg["attacks"], b_lo, b_hi, out / "robust_accuracy.png")
-    timing["total"] = time.time() - t_start
-    write_json(out / "timing.json", timing)
+    write_timing(out, timing, t_start)
     return results
 
 

@@ -24,7 +24,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json
+from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json, write_timing
 from rnd_jax import data, models
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
@@ -127,8 +127,7 @@ def main(argv=None) -> dict:
     title = (f"{'targeted' if protocol.targeted else 'untargeted'} NES ({nes_cfg.norm}, eps={nes_cfg.eps:g}, "
              f"{protocol.budget} queries) vs output noise on {cfg['dataset']}/{cfg['model']}")
     asr_vs_level(rows, out / "asr_vs_sigma.png", "sigma", title)
-    timing["total"] = time.time() - t_start
-    write_json(out / "timing.json", timing)
+    write_timing(out, timing, t_start)
     return results
 
 

@@ -43,7 +43,7 @@ import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm)
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import table, write_json
+from experiments.common import table, write_json, write_timing
 from rnd_jax import data, models, stats, train
 from rnd_jax.defenses import feature_noise, input_noise, model_scorer, output_noise
 from rnd_jax.theory import aithal_li, montecarlo, park, rfd
@@ -538,8 +538,7 @@ def main(argv=None) -> dict:
                "sign_flips": flip_rows, "errata": errata, "notes": NOTES,
                "samples": {"n": int(len(samples.a)), "dropped_underflow": samples.dropped}}
     write_json(out / "results.json", results)
-    timing["total"] = time.time() - t_start
-    write_json(out / "timing.json", timing)
+    write_timing(out, timing, t_start)
     return results
 
 

@@ -209,34 +209,29 @@ _add({
 
 # ----------------------------------------------------------------------------- SND (Byun et al. 2022)
 
-_add({
-    "name": "snd_table2",
-    "description": "untargeted decision-based attacks x input noise nu (SND Table 2)",
-    "attacks": ["hsja", "signopt"],
-    "defenses": [{"name": "input_noise", "levels": [0.0, 0.01, 0.02]}],
-    "targeted": False, "budgets": [2_000], "n_images": 20, "acc_draws": 20,
-    "smoke": {"attacks": ["hsja"], "n_images": 4, "budgets": [600], "acc_draws": 4,
-              "defenses": [{"name": "input_noise", "levels": [0.0, 0.02]}]},
-    "full": {"attacks": SND_DECISION, "n_images": FULL_IMAGES, "budgets": [10_000],
-             "defenses": [{"name": "input_noise", "levels": NUS}]},
-    "table": {"mirrors": "SND (Byun et al. 2022), Table 2", "rows": ["attack"], "cols": ["level"], "col_name": "nu",
-              "values": ["asr", "l2", "queries_mean"],
-              "title": "Decision-based attacks vs small input noise nu: ASR within eps, L2 of successes"},
-})
+def _snd_attacks_table(name: str, family: str, attacks, full_attacks, n_images: int, smoke_budget: int, values,
+                       title: str) -> dict:
+    """SND Tables 2 (decision) and 3 (score): untargeted attacks x input noise nu."""
+    return {
+        "name": name,
+        "description": f"untargeted {family}-based attacks x input noise nu (SND Table {name[-1]})",
+        "attacks": attacks,
+        "defenses": [{"name": "input_noise", "levels": [0.0, 0.01, 0.02]}],
+        "targeted": False, "budgets": [2_000], "n_images": n_images, "acc_draws": 20,
+        "smoke": {"attacks": attacks[:1], "n_images": 4, "budgets": [smoke_budget], "acc_draws": 4,
+                  "defenses": [{"name": "input_noise", "levels": [0.0, 0.02]}]},
+        "full": {"attacks": full_attacks, "n_images": FULL_IMAGES, "budgets": [10_000],
+                 "defenses": [{"name": "input_noise", "levels": NUS}]},
+        "table": {"mirrors": f"SND (Byun et al. 2022), Table {name[-1]}", "rows": ["attack"], "cols": ["level"],
+                  "col_name": "nu", "values": values, "title": title},
+    }
 
-_add({
-    "name": "snd_table3",
-    "description": "untargeted score-based attacks x input noise nu (SND Table 3)",
-    "attacks": ["square_linf", "nes"],
-    "defenses": [{"name": "input_noise", "levels": [0.0, 0.01, 0.02]}],
-    "targeted": False, "budgets": [2_000], "n_images": 30, "acc_draws": 20,
-    "smoke": {"attacks": ["square_linf"], "n_images": 4, "budgets": [300], "acc_draws": 4,
-              "defenses": [{"name": "input_noise", "levels": [0.0, 0.02]}]},
-    "full": {"attacks": SND_SCORE, "n_images": FULL_IMAGES, "budgets": [10_000],
-             "defenses": [{"name": "input_noise", "levels": NUS}]},
-    "table": {"mirrors": "SND (Byun et al. 2022), Table 3", "rows": ["attack"], "cols": ["level"], "col_name": "nu",
-              "values": ["asr", "queries_mean"], "title": "Score-based attacks vs small input noise nu"},
-})
+
+_add(_snd_attacks_table("snd_table2", "decision", ["hsja", "signopt"], SND_DECISION, 20, 600,
+                        ["asr", "l2", "queries_mean"],
+                        "Decision-based attacks vs small input noise nu: ASR within eps, L2 of successes"))
+_add(_snd_attacks_table("snd_table3", "score", ["square_linf", "nes"], SND_SCORE, 30, 300, ["asr", "queries_mean"],
+                        "Score-based attacks vs small input noise nu"))
 
 _add({
     "name": "snd_table4",

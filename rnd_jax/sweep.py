@@ -234,21 +234,29 @@ def _product(sweep: dict, where: str):
     return [dict(zip(keys, vals)) for vals in itertools.product(*(sweep[k] for k in keys))]
 
 
-def _attack_entries(grid: dict, name: str):
-    """[(entry index, attack name, overrides, eot, label)] of the grid's attack axis, validated."""
-    entries = _as_list(name, "attacks", grid.get("attacks"))
+def _axis_entries(grid: dict, name: str, axis: str, valid_keys):
+    """Yield ``(index, entry dict, where)`` for the grid's ``axis`` ("attacks" / "defenses"): a bare name
+    becomes ``{"name": ...}``; a missing axis, an entry without a name, or unknown keys raise."""
+    entries = _as_list(name, axis, grid.get(axis))
     if entries is None:
-        raise ValueError(f"grid {name!r} has no 'attacks' axis")
-    out = []
+        raise ValueError(f"grid {name!r} has no {axis!r} axis")
     for i, e in enumerate(entries):
         e = {"name": e} if isinstance(e, str) else e
-        where = f"grid {name!r}: attacks[{i}]"
+        where = f"grid {name!r}: {axis}[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise ValueError(f"{where} must be an attack name or a dict with a 'name', got {e!r}")
+            raise ValueError(f"{where} must be a{'n attack' if axis == 'attacks' else ' defense'} name or a dict "
+                             f"with a 'name', got {e!r}")
         where += f" {e['name']!r}"
-        bad = sorted(set(e) - set(ATTACK_KEYS))
+        bad = sorted(set(e) - set(valid_keys))
         if bad:
-            raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(ATTACK_KEYS)}")
+            raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(valid_keys)}")
+        yield i, e, where
+
+
+def _attack_entries(grid: dict, name: str):
+    """[(entry index, attack name, overrides, eot, label)] of the grid's attack axis, validated."""
+    out = []
+    for i, e, where in _axis_entries(grid, name, "attacks", ATTACK_KEYS):
         if e["name"] not in ATTACKS:
             raise ValueError(f"{where}: unknown attack {e['name']!r} (not registered; registered: {sorted(ATTACKS)})")
         config = e.get("config", {})
@@ -265,20 +273,9 @@ def _attack_entries(grid: dict, name: str):
 
 def _defense_entries(grid: dict, name: str):
     """[(entry index, family, kind ('level'|'drop'|None), value, options, label)], validated."""
-    entries = _as_list(name, "defenses", grid.get("defenses"))
-    if entries is None:
-        raise ValueError(f"grid {name!r} has no 'defenses' axis")
     out = []
-    for i, e in enumerate(entries):
-        e = {"name": e} if isinstance(e, str) else e
-        where = f"grid {name!r}: defenses[{i}]"
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise ValueError(f"{where} must be a defense name or a dict with a 'name', got {e!r}")
+    for i, e, where in _axis_entries(grid, name, "defenses", DEFENSE_KEYS):
         fam = e["name"]
-        where += f" {fam!r}"
-        bad = sorted(set(e) - set(DEFENSE_KEYS))
-        if bad:
-            raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(DEFENSE_KEYS)}")
         if fam not in DEFENSES:
             raise ValueError(f"{where}: unknown defense {fam!r}; choose one of {sorted(DEFENSES)}")
         options = e.get("options", {})
