@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from experiments.sweep import size_of  # noqa: E402
 from rnd_jax import grids as builtin  # noqa: E402
 from rnd_jax import sweep  # noqa: E402
+from rnd_jax.evaluate import SUCCESS_KINDS  # noqa: E402
 
 RATE_PREFIXES = ("asr", "robust", "failure", "acc_", "within")
 
@@ -80,15 +81,33 @@ def get_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- values
 
+def _at_budget(record: dict, key: str):
+    """``<kind>@B`` for a success notion (``asr``, ``asr_stop``, ``asr_clean``, ``asr_lucky``) and its robust
+    accuracies (``robust[_all][_stop]@B``): the share of images with that success within ``B`` queries."""
+    base, b = key.split("@")
+    b = int(b)
+    img = record["images"]
+    if base.startswith("robust"):
+        over_all = base.startswith("robust_all")
+        kind = "asr" + base[len("robust_all" if over_all else "robust"):]
+    else:
+        kind, over_all = base, False
+    if kind not in SUCCESS_KINDS:
+        raise ValueError(f"unknown table value {key!r}")
+    ok = np.asarray(img[sweep.success_key(kind)], bool) & (np.asarray(img["queries"]) <= b)
+    if not len(ok):
+        return math.nan
+    if base.startswith("robust"):
+        selected = record["metrics"].get("n_selected", len(ok)) if over_all else len(ok)
+        return (len(ok) - int(ok.sum())) / selected
+    return float(np.mean(ok))
+
+
 def value(row: dict, record: dict, key: str):
     """A table value of one cell: a metric of :func:`rnd_jax.sweep.flat` or a derived one."""
-    if key.startswith(("asr@", "robust@")):
-        b = int(key.split("@")[1])
-        img = record["images"]
-        ok = np.asarray(img["success"], bool) & (np.asarray(img["queries"]) <= b)
-        asr = float(np.mean(ok)) if len(ok) else math.nan
-        return asr if key.startswith("asr@") else 1.0 - asr
-    if key in ("robust", "failure"):
+    if "@" in key:
+        return _at_budget(record, key)
+    if key == "failure":
         return None if row.get("asr") is None else 1.0 - row["asr"]
     if key == "acc_drop":
         return row["acc_clean"] - row["acc_defended_mean"]

@@ -1,20 +1,40 @@
-"""The evaluation protocol: image selection, the three success notions, and the metrics.
+"""The evaluation protocol: image selection, stop rules, the success notions, and the metrics.
 
-Protocol (Aithal & Li 2022, Sec. IV-B; shared by every experiment):
+Each paper has its own protocol; :class:`Protocol` holds the choices, and every built-in grid names
+the ones of the paper it reproduces (:mod:`rnd_jax.grids`).
 
-- **Images.** ``n`` test images that the *clean* model classifies correctly, chosen by a fixed key
-  (a key-driven permutation of the test set, then the first ``n`` correct ones). Targeted runs draw
-  a target uniformly among the classes other than the label, from a per-image key.
+- **Images.** ``n`` test images chosen by a fixed key (a key-driven permutation of the test set).
+  ``pool="correct"`` (default; Aithal & Li, SND, RND): the first ``n`` that the *clean* model
+  classifies correctly. ``pool="all"`` (the randomized feature defense paper, "1000 images that
+  contain every class"): the first ``n`` whatever the clean model says; only the correctly
+  classified ones are attacked, the others count as not robust. ``balanced=True`` takes ``n / K``
+  images of each class (the first ``n mod K`` classes one more). Targeted runs draw a target
+  uniformly among the classes other than the label, from a per-image key.
 - **Keys.** Image ``i`` of the test set gets ``fold_in(k_attack, i)`` as attacker key and
   ``fold_in(k_defense, i)`` split into its query-noise key and its check-noise key. So one image
   attacked alone replays exactly what it did inside a batch, and the defender's check queries
   never share noise with the attack's queries.
-- **Success**, all three reported:
-  ``asr`` — the attack's final point fools the *defended* model in a majority of ``9`` extra check
-  queries (not counted in the budget, never added to the query counts);
-  ``asr_clean`` — it fools the undefended model;
-  ``asr_lucky`` — the attack's own belief, from the single noisy answer it stopped on.
-- **Queries**: mean and median over the ``asr`` successes (budgeted queries only).
+- **Stop rule** (``stop_rule``; :class:`rnd_jax.attacks.driver.StopRule`): ``"single"`` — the attack's
+  own noisy answer ends it; ``"verified"`` — the randomized feature defense paper's rule (App. D.4):
+  at each claimed success ``check_queries`` fresh defended queries from the check stream (not counted
+  unless ``count_checks``), stop only on a strict majority, else the attack continues; ``"clean"`` —
+  the same with the undefended model as the judge of each claim (a measurement mode).
+- **Success**, all reported:
+  ``asr`` — the attack's final point fools the *defended* model in a majority of ``check_queries``
+  (9) fresh check queries (points ``0..8`` of the image's check key: never the ones a stop rule
+  used; not counted in the budget);
+  ``asr_stop`` — the stop rule's verdict (single: the attack's own answer; verified: a confirmed
+  majority; clean: the clean model fooled) — the randomized feature defense paper's success;
+  ``asr_clean`` — the final point fools the undefended model;
+  ``asr_lucky`` — the attack's own verdict at its last step, from one noisy answer (Aithal & Li's
+  ASR). With ``eps`` set, each also needs the final point within the ``norm`` ball.
+- **Robust accuracy**: ``robust = 1 - asr`` over the attacked images; ``robust_all`` over all selected
+  images (misclassified ones count as not robust: RFD's denominator, so it is at most the clean
+  accuracy of the selection); ``robust_stop`` / ``robust_all_stop`` from ``asr_stop``.
+- **Queries**: mean and median over the ``asr`` successes, of all budgeted queries (success checks
+  included) and of loss queries only (``loss_queries_*``: without the attack's pure success checks and
+  the stop rule's checks — the convention of Ilyas et al., SignHunter and Parsimonious);
+  ``check_queries_mean``: the stop rule's check queries per image.
 - **Distortion** of the ``asr`` successes: L2, L_inf and per-pixel L2 = ``||delta||_2 / d`` with
   ``d = H*W*C`` (the scale of Aithal & Li's Table 12, printed there x 1e-4).
 - **Clean accuracy of the defended model** on the whole test split: expected over the defense's
@@ -33,9 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnd_jax.attacks.driver import Attack, Result, run, validate
+from rnd_jax.attacks.driver import STOP_RULES, Attack, Result, StopRule, run, validate
 from rnd_jax.defenses import Scorer
 from rnd_jax.oracle import Oracle, query_keys
+
+
+POOLS = ("correct", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +70,21 @@ class Protocol:
     acc_draws: int = 40  # noise draws for the defended model's clean accuracy
     eps: float | None = None  # if set, success also needs ||x_adv - x0||_norm <= eps (decision attacks)
     norm: str = "linf"
+    stop_rule: str = "single"  # "single" | "verified" | "clean" (module docstring)
+    count_checks: bool = False  # the verified rule's check queries count against the budget
+    pool: str = "correct"  # "correct": n correctly classified images; "all": n images, misclassified not robust
+    balanced: bool = False  # n / K images of each class
 
     def __post_init__(self):
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"unknown norm {self.norm!r}; choose one of ('linf', 'l2')")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"unknown stop rule {self.stop_rule!r}; choose one of {STOP_RULES}")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown image pool {self.pool!r}; choose one of {POOLS}")
+        for name in ("count_checks", "balanced", "targeted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
         for name in ("n_images", "budget", "check_queries", "acc_draws"):
@@ -58,12 +92,24 @@ class Protocol:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
 
+    @property
+    def stop(self) -> StopRule:
+        """The driver's stop rule of this protocol."""
+        return StopRule(self.stop_rule, self.check_queries, self.count_checks, self.eps, self.norm)
+
 
 class Selection(NamedTuple):
+    """The attacked images (correctly classified by the clean model) and the size of the selection."""
+
     index: np.ndarray  # i32[n]: positions in the test split
     images: np.ndarray  # f32[n, H, W, C]
     labels: np.ndarray  # i32[n]
     targets: np.ndarray  # i32[n] (-1 when untargeted)
+    n_selected: int = -1  # images selected, misclassified ones included (pool="all"); -1: = n
+
+    @property
+    def selected(self) -> int:
+        return len(self.labels) if self.n_selected < 0 else self.n_selected
 
 
 def predict(scorer: Scorer, images, keys=None, batch_size: int = 2048) -> np.ndarray:
@@ -75,15 +121,41 @@ def predict(scorer: Scorer, images, keys=None, batch_size: int = 2048) -> np.nda
     return np.concatenate(out).astype(np.int32)
 
 
-def select_images(key, clean: Scorer, images, labels, n: int, targeted: bool, num_classes: int) -> Selection:
-    """``n`` correctly classified images in key order, with random targets != label if targeted."""
+def select_images(key, clean: Scorer, images, labels, n: int, targeted: bool, num_classes: int,
+                  pool: str = "correct", balanced: bool = False) -> Selection:
+    """Images in key order (see the module docstring), with random targets != label if targeted.
+
+    ``pool="correct"``: the first ``n`` correctly classified images; ``pool="all"``: the first ``n``
+    images, of which the correctly classified ones are returned (``n_selected = n``). With
+    ``balanced`` the ``n`` are split evenly over the classes.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"unknown image pool {pool!r}; choose one of {POOLS}")
     images, labels = np.asarray(images), np.asarray(labels, np.int32)
     k_perm, k_target = jax.random.split(key)
     order = np.asarray(jax.random.permutation(k_perm, len(labels)))
     correct = predict(clean, images) == labels
-    chosen = order[correct[order]][:n]
+    candidates = order[correct[order]] if pool == "correct" else order
+    if balanced:
+        quota = [n // num_classes + (c < n % num_classes) for c in range(num_classes)]
+        picked = []
+        for c in range(num_classes):
+            of_c = candidates[labels[candidates] == c][:quota[c]]
+            if len(of_c) < quota[c]:
+                raise ValueError(f"only {len(of_c)} {'correctly classified ' if pool == 'correct' else ''}test "
+                                 f"images of class {c}; a balanced selection of {n} needs {quota[c]}")
+            picked.append(of_c)
+        rank = {int(i): r for r, i in enumerate(candidates)}
+        chosen = np.asarray(sorted(np.concatenate(picked), key=lambda i: rank[int(i)]), dtype=order.dtype)
+    else:
+        chosen = candidates[:n]
     if len(chosen) < n:
-        raise ValueError(f"only {len(chosen)} correctly classified test images; asked for {n}")
+        raise ValueError(f"only {len(chosen)} {'correctly classified ' if pool == 'correct' else ''}test images; "
+                         f"asked for {n}")
+    n_selected = len(chosen)
+    chosen = chosen[correct[chosen]]
+    if len(chosen) == 0:
+        raise ValueError(f"none of the {n_selected} selected images is correctly classified: nothing to attack")
     y = labels[chosen]
     if targeted:
         shift = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(k_target, i), (), 1, num_classes))(
@@ -91,7 +163,7 @@ def select_images(key, clean: Scorer, images, labels, n: int, targeted: bool, nu
         t = (y + np.asarray(shift)) % num_classes
     else:
         t = np.full_like(y, -1)
-    return Selection(chosen.astype(np.int32), images[chosen], y, t.astype(np.int32))
+    return Selection(chosen.astype(np.int32), images[chosen], y, t.astype(np.int32), int(n_selected))
 
 
 def image_keys(k_attack, k_defense, index):
@@ -112,11 +184,16 @@ def check_success(defended: Scorer, x_adv, labels, targets, check_keys, targeted
     return jax.vmap(one)(x_adv, labels, targets, check_keys)
 
 
-def make_runner(attack: Attack, oracle: Oracle, clean: Scorer, protocol: Protocol):
-    """The pure function to jit: ``(x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``."""
+def make_runner(attack: Attack, oracle: Oracle, clean: Scorer, protocol: Protocol, rule=None):
+    """The pure function to jit: ``(x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``.
+
+    The attack runs under ``protocol.stop`` (``rule``: an optional, possibly traced, index into
+    :data:`rnd_jax.attacks.driver.STOP_RULES` that overrides the protocol's rule).
+    """
 
     def runner(x0, labels, targets, ka, kd, kc):
-        res: Result = run(attack, oracle, x0, labels, targets, ka, kd, protocol.budget)
+        res: Result = run(attack, oracle, x0, labels, targets, ka, kd, protocol.budget, stop=protocol.stop,
+                          check_keys=kc, clean=clean, rule=rule)
         votes = check_success(oracle.scorer, res.x_adv, labels, targets, kc, attack.targeted,
                               protocol.check_queries)
         clean_pred = jnp.argmax(clean(res.x_adv, None), -1)
@@ -139,35 +216,71 @@ def _mean(a):
     return float(np.mean(a)) if len(a) else math.nan
 
 
+SUCCESS_KINDS = ("asr", "asr_stop", "asr_clean", "asr_lucky")
+
+
+def successes(sel: Selection, res: Result, votes, clean_pred, targeted: bool, check_queries: int,
+              eps: float | None = None, norm: str = "linf") -> dict[str, np.ndarray]:
+    """Per image, for each success notion of :data:`SUCCESS_KINDS` (module docstring): bool[n].
+
+    With ``eps`` set, each also requires the final point within the ``norm`` ball of radius ``eps``
+    (up to 1e-5 of float slack).
+    """
+    within = _within(sel, res, eps, norm)
+    clean_pred = np.asarray(clean_pred)
+    return {
+        "asr": _success(votes, check_queries) & within,
+        "asr_stop": np.asarray(res.success, bool) & within,
+        "asr_clean": ((clean_pred == sel.targets) if targeted else (clean_pred != sel.labels)) & within,
+        "asr_lucky": np.asarray(res.lucky, bool) & within,
+    }
+
+
+def robust_accuracy(sel: Selection, ok, queries=None, budget: int | None = None) -> tuple[float, float]:
+    """(over attacked images, over all selected images) of images not fooled within ``budget`` queries."""
+    ok = np.asarray(ok, bool)
+    if budget is not None:
+        ok = ok & (np.asarray(queries) <= budget)
+    n = len(ok)
+    robust = n - int(ok.sum())
+    return robust / n, robust / sel.selected
+
+
 def summarize(sel: Selection, res: Result, votes, clean_pred, targeted: bool, check_queries: int,
               eps: float | None = None, norm: str = "linf") -> dict[str, Any]:
     """Per-image arrays -> the protocol's metrics (NaN where no image succeeded).
 
-    With ``eps`` set, ``asr`` and ``asr_clean`` also require the final point to lie within the
-    ``norm`` ball of radius ``eps`` (up to 1e-5 of float slack); ``within_eps`` reports that part.
+    With ``eps`` set, every success notion also requires the final point to lie within the ``norm``
+    ball of radius ``eps`` (up to 1e-5 of float slack); ``within_eps`` reports that part.
     """
-    votes, clean_pred = np.asarray(votes), np.asarray(clean_pred)
     q = np.asarray(res.queries)
+    lq = np.asarray(res.loss_queries)
     delta = (np.asarray(res.x_adv) - sel.images).reshape(len(q), -1)
     l2 = np.linalg.norm(delta, axis=1)
     linf = np.abs(delta).max(axis=1)
-    within = _within(sel, res, eps, norm)
-    success = _success(votes, check_queries) & within
-    fooled_clean = ((clean_pred == sel.targets) if targeted else (clean_pred != sel.labels)) & within
-    s = success
-    return {
-        "within_eps": float(np.mean(within)),
+    ok = successes(sel, res, votes, clean_pred, targeted, check_queries, eps, norm)
+    s = ok["asr"]
+    out = {
+        "within_eps": float(np.mean(_within(sel, res, eps, norm))),
         "n_images": int(len(q)),
-        "asr": float(np.mean(success)),
-        "asr_clean": float(np.mean(fooled_clean)),
-        "asr_lucky": float(np.mean(np.asarray(res.lucky))),
+        "n_selected": int(sel.selected),
+        **{k: float(np.mean(v)) for k, v in ok.items()},
+    }
+    out["robust"], out["robust_all"] = robust_accuracy(sel, ok["asr"])
+    out["robust_stop"], out["robust_all_stop"] = robust_accuracy(sel, ok["asr_stop"])
+    out.update({
         "queries_mean": _mean(q[s]),
         "queries_median": float(np.median(q[s])) if s.any() else math.nan,
+        "loss_queries_mean": _mean(lq[s]),
+        "loss_queries_median": float(np.median(lq[s])) if s.any() else math.nan,
         "queries_total": int(q.sum()),
+        "check_queries_mean": float(np.mean(np.asarray(res.check_queries))),
+        "claims_mean": float(np.mean(np.asarray(res.claims))),
         "l2": _mean(l2[s]),
         "linf": _mean(linf[s]),
         "l2_per_pixel": _mean(l2[s] / delta.shape[1]),
-    }
+    })
+    return out
 
 
 def per_image(sel: Selection, res: Result, votes, clean_pred) -> dict[str, list]:
@@ -177,8 +290,12 @@ def per_image(sel: Selection, res: Result, votes, clean_pred) -> dict[str, list]
         "label": sel.labels.tolist(),
         "target": sel.targets.tolist(),
         "queries": np.asarray(res.queries).tolist(),
+        "loss_queries": np.asarray(res.loss_queries).tolist(),
+        "check_queries": np.asarray(res.check_queries).tolist(),
+        "claims": np.asarray(res.claims).tolist(),
         "steps": np.asarray(res.steps).tolist(),
         "lucky": np.asarray(res.lucky).tolist(),
+        "stopped_success": np.asarray(res.success).tolist(),
         "check_votes": np.asarray(votes).tolist(),
         "clean_pred": np.asarray(clean_pred).tolist(),
     }
@@ -215,14 +332,21 @@ def cell_inputs(sel: Selection, keys):
 
 
 def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=()):
-    """Run a (jitted) :func:`make_runner` runner on a selection and summarize it, as :func:`evaluate_cell`."""
+    """Run a (jitted) :func:`make_runner` runner on a selection and summarize it, as :func:`evaluate_cell`.
+
+    For each ``B`` in ``budgets``: ``<kind>_at_<B>`` for every success notion (success with at most
+    ``B`` budgeted queries, from the same run: the attack's trajectory up to ``B`` queries does not
+    depend on a larger budget, except for attacks whose schedule spans the budget, e.g. Square's).
+    """
     res, votes, clean_pred = jax.block_until_ready(runner(*cell_inputs(sel, keys)))
     row = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                     protocol.norm)
     q = np.asarray(res.queries)
-    ok = _success(votes, protocol.check_queries) & _within(sel, res, protocol.eps, protocol.norm)
+    ok = successes(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
+                   protocol.norm)
     for b in budgets:
-        row[f"asr_at_{b}"] = float(np.mean(ok & (q <= b)))
+        for kind, v in ok.items():
+            row[f"{kind}_at_{b}"] = float(np.mean(v & (q <= b)))
     return row, per_image(sel, res, votes, clean_pred)
 
 

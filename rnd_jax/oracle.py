@@ -66,8 +66,8 @@ class Oracle:
         """Answer the points ``x: f32[B, H, W, C]`` numbered ``first_query, first_query+1, ...``."""
         return self.answer(self.scorer(x, query_keys(defense_key, first_query, x.shape[0])))
 
-    def bind(self, defense_key, first_query) -> "BoundOracle":
-        return BoundOracle(self, defense_key, first_query)
+    def bind(self, defense_key, first_query, budget: int | None = None) -> "BoundOracle":
+        return BoundOracle(self, defense_key, first_query, budget)
 
 
 class BoundOracle:
@@ -76,13 +76,24 @@ class BoundOracle:
     ``used`` is the number of points asked so far. Shapes are static under ``jit``, so ``used`` is
     a plain int even while tracing: the driver reads it after tracing one step and checks it
     against the attack's declared cost.
+
+    ``budget`` is the run's total query budget (a static int; ``None`` when the oracle is bound
+    outside the driver) and ``spent`` the queries spent before this step (``first_query``, traced
+    inside the driver). Attacks whose schedule is defined over the whole run (Square's
+    ``p``-schedule over its iterations) read them; no attack may use them to exceed the budget.
     """
 
-    def __init__(self, oracle: Oracle, defense_key, first_query):
+    def __init__(self, oracle: Oracle, defense_key, first_query, budget: int | None = None):
         self._oracle = oracle
         self._key = defense_key
         self._first = first_query
+        self.budget = budget
         self.used = 0
+
+    @property
+    def spent(self):
+        """Queries spent before this step (traced inside the driver)."""
+        return self._first
 
     @property
     def output(self) -> str:

@@ -19,10 +19,20 @@ A **grid** is a plain dict (a JSON file, or a built-in of :mod:`rnd_jax.grids`):
       "norm": "linf", "eps": 0.3,                  # threat model of every attack (default: each battery's)
       "n_images": 100, "seeds": [0],
       "check_queries": 9, "acc_draws": 40, "calib_draws": 20,
+      "stop_rule": "single",                       # "single" | "verified" | "clean" (rnd_jax.evaluate)
+      "count_checks": false,                       # verified: check queries count against the budget
+      "pool": "correct", "balanced": false,        # image selection (rnd_jax.evaluate.select_images)
+      "eot_budget": "equal",                       # "scaled": a cell with EOT M gets M x the budget
       "smoke": {"n_images": 4, "budgets": [500]},  # top-level overrides for --smoke
       "full": {"n_images": 1000},                  # ... and for --full
       "table": {...}                               # how experiments.paper_tables lays the results out
     }
+
+The protocol keys (``stop_rule``, ``count_checks``, ``pool``, ``balanced``, ``check_queries``,
+``acc_draws``) are those of :class:`rnd_jax.evaluate.Protocol`; each built-in grid sets its paper's.
+``eot_budget``: ``"equal"`` keeps every cell at the grid's budget (EOT M then takes M times fewer
+steps); ``"scaled"`` gives a cell with EOT M the budget ``M x budget`` (the papers' repeated-query
+tables: RFD's "M x 1000", SND's "2K x T", Aithal & Li's N-fold query counts).
 
 It expands (:func:`expand`) to the product dataset/model × seed × targeted × budget × attack entry
 (× its ``sweep`` values × ``eot``) × defense entry (× its option ``sweep`` × levels or calibrated
@@ -91,8 +101,8 @@ from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
 from rnd_jax.calibrate import calibrate
 from rnd_jax.defenses import DEFENSES, build_defense, check_level, model_scorer
-from rnd_jax.evaluate import (Protocol, _success, _within, defended_accuracy, image_keys, make_runner, per_image,
-                              select_images, summarize, validate_selection)
+from rnd_jax.evaluate import (Protocol, defended_accuracy, image_keys, make_runner, per_image, select_images,
+                              successes, summarize, validate_selection)
 from rnd_jax.evaluate import predict as evaluate_predict
 from rnd_jax.oracle import Oracle
 
@@ -101,7 +111,9 @@ __all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "expand", "flat"
 
 SIZES = ("smoke", "default", "full")
 GRID_KEYS = ("name", "description", "datasets", "attacks", "defenses", "targeted", "budgets", "norm", "eps",
-             "n_images", "seeds", "check_queries", "acc_draws", "calib_draws", "smoke", "full", "table")
+             "n_images", "seeds", "check_queries", "acc_draws", "calib_draws", "stop_rule", "count_checks", "pool",
+             "balanced", "eot_budget", "smoke", "full", "table")
+EOT_BUDGETS = ("equal", "scaled")
 ATTACK_KEYS = ("name", "config", "sweep", "eot", "label")
 DEFENSE_KEYS = ("name", "levels", "drops", "options", "sweep", "label")
 DATASET_KEYS = ("dataset", "model", "train_seed")
@@ -362,6 +374,10 @@ def expand(grid: dict) -> list[Cell]:
     n_images = _int(f"grid {name!r}: n_images", grid.get("n_images", 100))
     protocol = {k: _int(f"grid {name!r}: {k}", grid.get(k, d)) for k, d in
                 (("check_queries", 9), ("acc_draws", 40))}
+    protocol.update(_protocol_choices(grid, name))
+    eot_budget = grid.get("eot_budget", "equal")
+    if eot_budget not in EOT_BUDGETS:
+        raise ValueError(f"grid {name!r}: eot_budget must be one of {EOT_BUDGETS}, got {eot_budget!r}")
     calib_draws = _int(f"grid {name!r}: calib_draws", grid.get("calib_draws", 20))
     norm, eps = grid.get("norm"), grid.get("eps")
     if norm is not None and norm not in BATTERY_EPS:
@@ -391,6 +407,8 @@ def expand(grid: dict) -> list[Cell]:
             b = budget if budget is not None else spec.battery.get("budget")
             if b is None:
                 raise ValueError(f"{where}: no 'budgets' in the grid and no battery budget for the attack")
+            if eot_budget == "scaled":
+                b = b * m
             for di, fam, kind, value, opts, dlabel in defenses:
                 defense = {"name": fam, "options": opts}
                 if kind == "level":
@@ -407,6 +425,30 @@ def expand(grid: dict) -> list[Cell]:
                     seen.add(cell.id)
                     cells.append(cell)
     return cells
+
+
+def _protocol_choices(grid: dict, name: str) -> dict:
+    """The grid's stop rule and image-selection choices, validated; only those that differ from the default
+    (so the cells of grids that keep the defaults keep their ids)."""
+    from rnd_jax.attacks.driver import STOP_RULES
+    from rnd_jax.evaluate import POOLS
+
+    out = {}
+    rule = grid.get("stop_rule", "single")
+    if rule not in STOP_RULES:
+        raise ValueError(f"grid {name!r}: unknown stop_rule {rule!r}; choose one of {STOP_RULES}")
+    pool = grid.get("pool", "correct")
+    if pool not in POOLS:
+        raise ValueError(f"grid {name!r}: unknown pool {pool!r}; choose one of {POOLS}")
+    for k in ("count_checks", "balanced"):
+        if not isinstance(grid.get(k, False), bool):
+            raise ValueError(f"grid {name!r}: {k} must be a bool, got {grid.get(k)!r}")
+    for k, v, default in (("stop_rule", rule, "single"), ("pool", pool, "correct"),
+                          ("count_checks", grid.get("count_checks", False), False),
+                          ("balanced", grid.get("balanced", False), False)):
+        if v != default:
+            out[k] = v
+    return out
 
 
 def _suffix(sw: dict) -> str:
@@ -624,13 +666,15 @@ class Sweeper:
         return self._ctx[k]
 
     def selection(self, c: dict):
-        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], c["targeted"], c["n_images"])
+        p = c["protocol"]
+        pool, balanced = p.get("pool", "correct"), p.get("balanced", False)
+        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], c["targeted"], c["n_images"], pool, balanced)
         if k not in self._sel:
             _, _, _, x, y = self.model(c)
             clean = self._jitted[k[:3]]
             k_data = _streams(c["seed"])[1]
             self._sel[k] = select_images(k_data, clean, x, y, c["n_images"], c["targeted"],
-                                         data.info(c["dataset"]).num_classes)
+                                         data.info(c["dataset"]).num_classes, pool=pool, balanced=balanced)
         return self._sel[k]
 
     def level(self, c: dict):
@@ -684,9 +728,12 @@ class Sweeper:
         return eot_wrap(spec.build(cfg, self.context(c, spec.needs)), c["attack"]["eot"]), cfg
 
     def protocol(self, c: dict, cfg) -> Protocol:
+        p = c["protocol"]
         return Protocol(n_images=c["n_images"], targeted=c["targeted"], budget=c["budget"],
-                        check_queries=c["protocol"]["check_queries"], acc_draws=c["protocol"]["acc_draws"],
-                        eps=getattr(cfg, "eps", None), norm=getattr(cfg, "norm", "linf"))
+                        check_queries=p["check_queries"], acc_draws=p["acc_draws"],
+                        eps=getattr(cfg, "eps", None), norm=getattr(cfg, "norm", "linf"),
+                        stop_rule=p.get("stop_rule", "single"), count_checks=p.get("count_checks", False),
+                        pool=p.get("pool", "correct"), balanced=p.get("balanced", False))
 
     def runner(self, c: dict, attack, protocol: Protocol, level, n_pad: int):
         """The jitted, sharded ``(level, x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``."""
@@ -744,11 +791,18 @@ class Sweeper:
         metrics = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                             protocol.norm)
         images = per_image(sel, res, votes, clean_pred)
-        ok = _success(votes, protocol.check_queries) & _within(sel, res, protocol.eps, protocol.norm)
-        images["success"] = ok.tolist()
+        ok = successes(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
+                       protocol.norm)
+        for kind, flags in ok.items():
+            images[success_key(kind)] = flags.tolist()
         return {"id": cell.id, "label": cell.label, "cell": c, "level": level, "calibration": calib,
                 "attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost), "metrics": metrics,
                 "defended": self.defended_accuracy(c, level), "images": images}
+
+
+def success_key(kind: str) -> str:
+    """The per-image record of a success notion: ``asr`` -> ``success``, ``asr_stop`` -> ``success_stop``, ..."""
+    return "success" + kind[3:]
 
 
 def _is_writer() -> bool:

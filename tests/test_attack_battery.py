@@ -9,7 +9,8 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
   never exceeded and that the driver's count equals the points the model was asked about;
 - the same keys replay bit-identically; one image alone equals the same image inside the batch;
 - a second call with new inputs does not retrace (``chex.assert_max_traces``);
-- its ``bad_configs`` raise ``ValueError``.
+- its ``bad_configs`` raise ``ValueError``;
+- on the undefended model the three stop rules (single, verified, clean) give identical runs.
 """
 
 import chex
@@ -64,18 +65,21 @@ def runner(name, context, clean_scorer, targeted, n, short=False):
     test's program.
 
     The output-noise level ``sigma`` is an argument (0 answers exactly what the clean model answers), so
-    the undefended run and the noisy replay runs are the same compiled program. Each program is wrapped
-    in ``chex.assert_max_traces(n=1)`` under its own name, so any retrace of it fails the test that
-    caused it.
+    the undefended run and the noisy replay runs are the same compiled program; so is the stop rule (a
+    traced index into ``driver.STOP_RULES``, default 0 = single; ``kc`` are the check keys). Each program
+    is wrapped in ``chex.assert_max_traces(n=1)`` under its own name, so any retrace of it fails the test
+    that caused it.
     """
     attack, budget = build(name, context, targeted)
     if short:
         budget = min(budget, 20 * attack.cost)
     key = (name, targeted, n, budget)
     if key not in _RUNNERS:
+        stop = driver.StopRule(eps=ATTACKS[name].battery["eps"], norm=ATTACKS[name].battery["norm"])
 
-        def run(x, y, t, ka, kd, sigma):
-            return driver.run(attack, oracle_for(attack, output_noise(clean_scorer, sigma)), x, y, t, ka, kd, budget)
+        def run(x, y, t, ka, kd, sigma, kc, rule):
+            return driver.run(attack, oracle_for(attack, output_noise(clean_scorer, sigma)), x, y, t, ka, kd, budget,
+                              stop=stop, check_keys=kc, clean=clean_scorer, rule=jnp.asarray(rule, jnp.int32))
 
         run.__name__ = f"battery_{name}_{'targeted' if targeted else 'untargeted'}_{n}_{budget}"
         _RUNNERS[key] = jax.jit(chex.assert_max_traces(run, n=1)), budget
@@ -87,8 +91,8 @@ def test_succeeds_undefended(name, context, clean_scorer, attack_set):
     spec = ATTACKS[name]
     n = len(attack_set.labels)
     for targeted in goals(name):
-        f, budget = runner(name, context, clean_scorer, targeted, n)
-        res = as_np(f(attack_set.images, attack_set.labels, attack_set.targets, keys(0, n), keys(1, n), 0.0))
+        _, budget = runner(name, context, clean_scorer, targeted, n)
+        res = _undefended(name, context, clean_scorer, attack_set, targeted, 0)
         pred = np.asarray(jnp.argmax(clean_scorer(res.x_adv, None), -1))
         fooled = (pred == attack_set.targets) if targeted else (pred != attack_set.labels)
         d = (res.x_adv - attack_set.images).reshape(len(pred), -1)
@@ -112,25 +116,29 @@ def test_eager_counter_proves_budget(name, context, clean_scorer, attack_set):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_replay_batching_and_no_retrace(name, context, clean_scorer, attack_set):
-    """Under output noise (sigma = 1e-4): the same keys replay bit-identically; an image run alone equals
-    the same image inside the batch; new inputs of the same shapes do not retrace."""
+    """Under output noise (sigma = 1e-4), with the single and the verified stop rule: the same keys replay
+    bit-identically; an image run alone equals the same image inside the batch (verified rule: its checks
+    too); new inputs of the same shapes do not retrace."""
     targeted = goals(name)[-1]
     sel, n = attack_set, len(attack_set.labels)
     f, _ = runner(name, context, clean_scorer, targeted, n, short=True)
     ka, kd = keys(0, n), keys(1, n)
-    a = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4))
-    b = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4))
-    for u, v in zip(a, b):
-        np.testing.assert_array_equal(u, v)
+    kc = keys(2, n)
+    for rule in (0, 1):
+        a = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, rule))
+        b = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, rule))
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
     g, _ = runner(name, context, clean_scorer, targeted, 1, short=True)
     for i in (0, n // 2, n - 1):
         alone = as_np(g(sel.images[i:i + 1], sel.labels[i:i + 1], sel.targets[i:i + 1], ka[i:i + 1], kd[i:i + 1],
-                        1e-4))
+                        1e-4, kc[i:i + 1], 1))
         assert alone.queries[0] == a.queries[i] and alone.lucky[0] == a.lucky[i], (name, i)
+        assert alone.success[0] == a.success[i] and alone.check_queries[0] == a.check_queries[i], (name, i)
         np.testing.assert_allclose(alone.x_adv[0], a.x_adv[i], atol=1e-6)
     # new inputs of the same shapes (images in another order, other keys): no retrace
     order = np.arange(n)[::-1]
-    f(sel.images[order], sel.labels[order], sel.targets[order], keys(5, n), keys(6, n), 1e-3)
+    f(sel.images[order], sel.labels[order], sel.targets[order], keys(5, n), keys(6, n), 1e-3, keys(7, n), 1)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -142,3 +150,33 @@ def test_bad_configs_raise(name):
             spec.config(**kw)
     with pytest.raises(ValueError):
         make_attack(name, Context(), not_an_option=1)
+
+
+_UNDEFENDED = {}
+
+
+def _undefended(name, context, clean_scorer, attack_set, targeted, rule):
+    k = (name, targeted, rule)
+    if k not in _UNDEFENDED:
+        n = len(attack_set.labels)
+        f, _ = runner(name, context, clean_scorer, targeted, n)
+        _UNDEFENDED[k] = as_np(f(attack_set.images, attack_set.labels, attack_set.targets, keys(0, n), keys(1, n), 0.0,
+                                 keys(2, n), rule))
+    return _UNDEFENDED[k]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stop_rules_agree_undefended(name, context, clean_scorer, attack_set):
+    """Without a defense every claim is true: verified and clean stop exactly where single does, with the same
+    trajectory, and verified asks its 9 checks once per successful image (the claim that ends it)."""
+    targeted = goals(name)[-1]
+    single = _undefended(name, context, clean_scorer, attack_set, targeted, 0)
+    assert single.success.any(), name
+    for rule in (1, 2):
+        other = _undefended(name, context, clean_scorer, attack_set, targeted, rule)
+        for field in ("x_adv", "queries", "steps", "lucky", "success", "loss_queries", "claims", "trace_queries"):
+            np.testing.assert_array_equal(getattr(other, field), getattr(single, field), err_msg=f"{name} {field}")
+        np.testing.assert_array_equal(single.success, single.lucky)
+        np.testing.assert_array_equal(single.claims, single.success.astype(int))
+    verified = _undefended(name, context, clean_scorer, attack_set, targeted, 1)
+    np.testing.assert_array_equal(verified.check_queries, 9 * single.success.astype(int))

@@ -97,6 +97,17 @@ class RepeatedOracle:
     def used(self) -> int:
         return self._bound.used // self._m
 
+    @property
+    def budget(self):
+        """The run's budget in the inner attack's units (points before repeats), or None."""
+        b = getattr(self._bound, "budget", None)
+        return None if b is None else b // self._m
+
+    @property
+    def spent(self):
+        """Queries spent before this step, in the inner attack's units."""
+        return self._bound.spent // self._m
+
     def _ask(self, x):
         if x.ndim != 4:
             raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
@@ -126,7 +137,8 @@ def eot(attack: Attack, m: int) -> Attack:
             info = info._replace(queries=jnp.asarray(dynamic, jnp.int32) * m)
         return new, info
 
-    return Attack(init=attack.init, step=step, cost=attack.cost * m, output=attack.output, targeted=attack.targeted)
+    return Attack(init=attack.init, step=step, cost=attack.cost * m, output=attack.output, targeted=attack.targeted,
+                  checks=attack.checks * m)
 
 
 def make_adaptive(name: str, ctx: Context | None = None, m: int = 1, **config) -> Attack:

@@ -24,10 +24,40 @@ the loop runs until every image stops; an image that has stopped keeps its carry
 
 ``advance`` can stop after ``max_steps`` steps and be called again on its result: running N steps,
 then M more, gives exactly the N+M-step result.
+
+**Stop rules** (:class:`StopRule`; DESIGN.md, "Evaluation protocol"). After every step the driver
+judges the attack's own claim ``state.done``:
+
+- ``"single"``: the claim ends the image (one noisy answer suffices; the attack may be lucky).
+- ``"verified"``: the randomized feature defense paper's rule (Nguyen et al. 2024, App. D.4): at each
+  claimed success the evaluator asks ``checks`` (9) fresh *defended* queries at ``state.x``; the image
+  stops only if a strict majority is adversarial, else ``done`` is reset to False and the attack
+  continues from its current state. A claim at the very point whose verification was last rejected is
+  not verified again and counts as rejected: its answer is stale (a decision attack keeps reporting the
+  best point it once saw adversarial), and re-asking one point until a majority comes would make the
+  check itself a lucky stop. The check noise comes from the defender's check stream of the
+  image (``fold_in(check_key, CHECK_STREAM)``, query ``q`` of it ``fold_in(., q)``), never from the
+  attack's query stream; the checks are reported in ``check_queries`` and counted in the budget only
+  with ``count=True`` (then a claim is checked only while ``checks`` queries are left).
+- ``"clean"``: at each claimed success the *undefended* model is asked at ``state.x`` (not counted); the
+  image stops only if it is fooled there (and ``state.x`` is within ``eps``, if set), else the attack
+  continues as under ``"verified"``. A measurement mode: no attacker can ask the undefended model; it
+  measures an attack that is never deceived by a lucky answer.
+
+On an undefended model the three rules give identical runs. The rule's verdict is ``Result.success``;
+``Result.lucky`` keeps the attack's own verdict at its last step. The rule may also be a traced
+``int32`` index into :data:`STOP_RULES` (``rule=`` of :func:`run`), so one compiled program serves
+every rule.
+
+**Queries.** ``Result.queries`` counts every budgeted query (success checks of the attack included, and
+the stop rule's checks with ``count=True``). ``Result.loss_queries`` leaves out the points an attack
+asks only to check success (``Attack.checks`` per step: NES's query at its current point, ...), the
+convention of Ilyas et al. (2018), SignHunter and Parsimonious, and the stop rule's checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -35,7 +65,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnd_jax.oracle import Oracle
+from rnd_jax.oracle import Oracle, query_keys
+
+STOP_RULES = ("single", "verified", "clean")
+NORMS = ("linf", "l2")
+CHECK_STREAM = 0x7FFFFFFF  # sub-stream of an image's check key used by the stop rule's checks
 
 
 class Attack(NamedTuple):
@@ -46,26 +80,70 @@ class Attack(NamedTuple):
     cost: int  # oracle points per step (the worst case when the step reports Info.queries)
     output: str  # oracle output type the step needs: "scores", "top1" or "label"
     targeted: bool
+    checks: int = 0  # points of each step asked only to check success (not loss queries)
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When an image's attack ends: ``"single"``, ``"verified"`` or ``"clean"`` (module docstring).
+
+    ``checks``: defended queries per verification (strict majority decides); ``count``: verification
+    queries count against the budget; ``eps`` / ``norm``: the ``"clean"`` rule also needs the point
+    within this radius (an attack's claims already include it).
+    """
+
+    name: str = "single"
+    checks: int = 9
+    count: bool = False
+    eps: float | None = None
+    norm: str = "linf"
+
+    def __post_init__(self):
+        if self.name not in STOP_RULES:
+            raise ValueError(f"unknown stop rule {self.name!r}; choose one of {STOP_RULES}")
+        if isinstance(self.checks, bool) or not isinstance(self.checks, int) or self.checks < 1:
+            raise ValueError(f"stop-rule checks must be an int >= 1, got {self.checks!r}")
+        if not isinstance(self.count, bool):
+            raise ValueError(f"stop-rule count must be a bool, got {self.count!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if self.eps is not None and (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
+                                     or not math.isfinite(self.eps) or self.eps <= 0):
+            raise ValueError(f"stop-rule eps must be a finite number > 0 or None, got {self.eps!r}")
+
+
+SINGLE = StopRule()
 
 
 class Carry(NamedTuple):
     """The driver's loop state for one image."""
 
     state: Any
-    queries: jax.Array  # i32: oracle points spent
+    queries: jax.Array  # i32: budgeted oracle points spent
     trace_queries: jax.Array  # i32[T]: queries spent before each recorded step (-1 = unused)
     trace_loss: jax.Array  # f32[T]: the attack's loss at each recorded step (NaN = unused)
+    x0: jax.Array  # the original image
+    label: jax.Array  # i32
+    target: jax.Array  # i32 (-1 when untargeted)
+    claimed: jax.Array  # bool: the attack's own verdict after its last step (before the stop rule)
+    rejected: jax.Array  # the point whose verification was last rejected (NaN: none)
+    claims: jax.Array  # i32: steps after which the attack claimed success
+    check_queries: jax.Array  # i32: queries the stop rule asked (verified: 9 per claim)
 
 
 class Result(NamedTuple):
     """Per image (leading batch axis when vmapped)."""
 
     x_adv: jax.Array  # the attack's final point
-    lucky: jax.Array  # bool: the attack's own belief of success (one noisy answer)
+    lucky: jax.Array  # bool: the attack's own verdict at its last step (one noisy answer)
     queries: jax.Array  # i32: budgeted queries spent
     steps: jax.Array  # i32: steps taken
     trace_queries: jax.Array
     trace_loss: jax.Array
+    success: jax.Array  # bool: the stop rule's verdict (single: = lucky)
+    loss_queries: jax.Array  # i32: queries without the attack's pure success checks and the rule's checks
+    check_queries: jax.Array  # i32: the stop rule's check queries
+    claims: jax.Array  # i32: steps that ended with the attack claiming success
 
 
 def trace_stride(budget: int, cost: int, trace_len: int) -> tuple[int, int]:
@@ -116,17 +194,117 @@ def validate(attack: Attack, oracle: Oracle, budget, x0, label, target=None, bat
 def start(attack: Attack, key, x0, label, target, budget: int, trace_len: int = 256) -> Carry:
     """The carry before the first step of one image."""
     slots, _ = trace_stride(budget, attack.cost, trace_len)
+    zero = jnp.zeros((), jnp.int32)
     return Carry(
         state=attack.init(key, x0, label, target),
-        queries=jnp.zeros((), jnp.int32),
+        queries=zero,
         trace_queries=jnp.full((slots,), -1, jnp.int32),
         trace_loss=jnp.full((slots,), jnp.nan, jnp.float32),
+        x0=jnp.asarray(x0, jnp.float32),
+        label=jnp.asarray(label, jnp.int32),
+        target=jnp.asarray(-1 if target is None else target, jnp.int32),
+        claimed=jnp.zeros((), bool),
+        rejected=jnp.full(jnp.shape(x0), jnp.nan, jnp.float32),
+        claims=zero,
+        check_queries=zero,
     )
 
 
+def run_if(pred, fn, operand):
+    """``fn(operand)`` if ``pred`` else ``operand``, as a ``while_loop`` of at most one iteration.
+
+    Under ``vmap`` the body runs while any image needs it (the others keep their operand), so work no
+    image of the batch needs costs nothing, and none is queried for the images that do not need it
+    (``lax.cond`` under ``vmap`` becomes a select that evaluates both branches).
+    """
+    def body(c):
+        _, x = c
+        return jnp.zeros((), bool), fn(x)
+
+    _, out = jax.lax.while_loop(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
+    return out
+
+
+def within(x, x0, eps, norm: str):
+    """``||x - x0||_norm <= eps`` (1e-5 of float slack); always True for ``eps=None``."""
+    if eps is None:
+        return jnp.ones((), bool)
+    d = (x - x0).ravel()
+    dist = jnp.max(jnp.abs(d)) if norm == "linf" else jnp.sqrt(jnp.sum(d * d))
+    return dist <= eps + 1e-5
+
+
+def _rule_index(stop: StopRule, rule):
+    """(index, traced?) of the stop rule in force: ``rule`` (a traced / int index) overrides ``stop.name``."""
+    if rule is None:
+        return STOP_RULES.index(stop.name), False
+    if isinstance(rule, str):
+        return STOP_RULES.index(StopRule(rule).name), False
+    if isinstance(rule, (int, np.integer)) and not isinstance(rule, bool):
+        if not 0 <= rule < len(STOP_RULES):
+            raise ValueError(f"stop-rule index must be in 0..{len(STOP_RULES) - 1}, got {rule}")
+        return int(rule), False
+    return jnp.asarray(rule, jnp.int32), True
+
+
+def _judge(attack: Attack, oracle: Oracle, stop: StopRule, rule, c: Carry, state, queries, budget: int,
+           check_key, clean):
+    """Apply the stop rule after one step: ``(state with done = verdict, queries, check queries, rejected)``."""
+    mode, traced = _rule_index(stop, rule)
+    if not traced and mode == 0:
+        return state, queries, c.check_queries, c.rejected
+
+    def is_(k):
+        return (mode == k) if traced else jnp.asarray(mode == k)
+
+    def adversarial(pred):
+        return (pred == c.target) if attack.targeted else (pred != c.label)
+
+    claimed = jnp.asarray(state.done, bool)
+    fresh = claimed & jnp.any(state.x != c.rejected)
+    verdict = claimed
+    n_checks = c.check_queries
+    rejected = c.rejected
+    if traced or mode == 1:
+        if check_key is None:
+            raise ValueError("the 'verified' stop rule needs check keys (the defender's check stream)")
+        m = stop.checks
+        want = fresh & is_(1)
+        if stop.count:
+            want = want & (queries + m <= budget)
+        stream = jax.random.fold_in(check_key, CHECK_STREAM)
+
+        def votes(_):
+            xs = jnp.broadcast_to(state.x, (m,) + state.x.shape)
+            pred = jnp.argmax(oracle.scorer(xs, query_keys(stream, c.check_queries, m)), -1)
+            return jnp.sum(adversarial(pred)).astype(jnp.int32)
+
+        v = run_if(want, votes, jnp.zeros((), jnp.int32))
+        ok = want & (2 * v > m)
+        rejected = jnp.where(want & ~ok, state.x, rejected)
+        verdict = jnp.where(is_(1), ok, verdict)
+        spent = jnp.where(want, m, 0).astype(jnp.int32)
+        n_checks = n_checks + spent
+        if stop.count:
+            queries = queries + spent
+    if traced or mode == 2:
+        if clean is None:
+            raise ValueError("the 'clean' stop rule needs the undefended scorer (clean=...)")
+
+        def fooled(_):
+            return adversarial(jnp.argmax(clean(state.x[None], None), -1)[0])
+
+        want = fresh & is_(2)
+        f = run_if(want, fooled, jnp.zeros((), bool)) & within(state.x, c.x0, stop.eps, stop.norm)
+        rejected = jnp.where(want & ~f, state.x, rejected)
+        verdict = jnp.where(is_(2), f, verdict)
+    return state._replace(done=verdict), queries, n_checks, rejected
+
+
 def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: int,
-            trace_len: int = 256, max_steps: int | None = None) -> Carry:
-    """Step one image until success, budget exhaustion, or ``max_steps`` more steps."""
+            trace_len: int = 256, max_steps: int | None = None, stop: StopRule = SINGLE, check_key=None,
+            clean=None, rule=None) -> Carry:
+    """Step one image until the stop rule ends it, the budget is spent, or ``max_steps`` more steps."""
     slots, stride = trace_stride(budget, attack.cost, trace_len)
     stop_at = None if max_steps is None else carry.state.step + max_steps
 
@@ -139,15 +317,19 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
         return go
 
     def body(c: Carry) -> Carry:
-        bound = oracle.bind(defense_key, c.queries)
+        bound = oracle.bind(defense_key, c.queries, budget)
         state, info = attack.step(c.state, bound)
         spent = _spent(attack, bound.used, info)
+        claimed = jnp.asarray(state.done, bool)
+        state, queries, n_checks, rejected = _judge(attack, oracle, stop, rule, c, state, c.queries + spent, budget,
+                                                    check_key, clean)
         s = c.state.step
         slot = jnp.minimum(s // stride, slots - 1)
         record = (s % stride) == 0
         tq = jnp.where(record, c.trace_queries.at[slot].set(c.queries), c.trace_queries)
         tl = jnp.where(record, c.trace_loss.at[slot].set(jnp.asarray(info.loss, jnp.float32)), c.trace_loss)
-        return Carry(state, c.queries + spent, tq, tl)
+        return c._replace(state=state, queries=queries, trace_queries=tq, trace_loss=tl, claimed=claimed,
+                          rejected=rejected, claims=c.claims + claimed.astype(jnp.int32), check_queries=n_checks)
 
     return jax.lax.while_loop(cond, body, carry)
 
@@ -164,22 +346,42 @@ def _spent(attack: Attack, used: int, info):
     return used + jnp.asarray(dynamic, jnp.int32)
 
 
-def finish(carry: Carry) -> Result:
+def finish(carry: Carry, attack: Attack | None = None, stop: StopRule = SINGLE) -> Result:
     s = carry.state
-    return Result(s.x, s.done, carry.queries, s.step, carry.trace_queries, carry.trace_loss)
+    checks = 0 if attack is None else attack.checks
+    loss_q = carry.queries - checks * s.step - (carry.check_queries if stop.count else 0)
+    return Result(s.x, carry.claimed, carry.queries, s.step, carry.trace_queries, carry.trace_loss,
+                  jnp.asarray(s.done, bool), loss_q.astype(jnp.int32), carry.check_queries, carry.claims)
 
 
 def run_one(attack: Attack, oracle: Oracle, x0, label, target, attack_key, defense_key,
-            budget: int, trace_len: int = 256) -> Result:
-    """Attack one image ``x0: f32[H, W, C]``. Pure; jit it at the top with static attack/oracle/budget."""
+            budget: int, trace_len: int = 256, stop: StopRule = SINGLE, check_key=None, clean=None,
+            rule=None) -> Result:
+    """Attack one image ``x0: f32[H, W, C]``. Pure; jit it at the top with static attack/oracle/budget.
+
+    ``stop``: the stop rule (module docstring); ``check_key`` (the image's check-noise key) is needed by
+    ``"verified"``, ``clean`` (the undefended scorer) by ``"clean"``; ``rule`` optionally overrides
+    ``stop.name`` with an index into :data:`STOP_RULES` that may be traced.
+    """
     carry = start(attack, attack_key, x0, label, target, budget, trace_len)
-    return finish(advance(attack, oracle, carry, defense_key, budget, trace_len))
+    carry = advance(attack, oracle, carry, defense_key, budget, trace_len, stop=stop, check_key=check_key,
+                    clean=clean, rule=rule)
+    return finish(carry, attack, stop)
 
 
 def run(attack: Attack, oracle: Oracle, x0, labels, targets, attack_keys, defense_keys,
-        budget: int, trace_len: int = 256) -> Result:
-    """Attack a batch ``x0: f32[N, H, W, C]`` (one key of each kind per image), vmapped."""
+        budget: int, trace_len: int = 256, stop: StopRule = SINGLE, check_keys=None, clean=None,
+        rule=None) -> Result:
+    """Attack a batch ``x0: f32[N, H, W, C]`` (one key of each kind per image), vmapped.
+
+    ``check_keys``: one check-noise key per image (the ``"verified"`` rule); see :func:`run_one`.
+    """
     if targets is None:
         targets = jnp.full(jnp.shape(labels), -1, jnp.int32)
-    fn = lambda x, y, t, ka, kd: run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len)
-    return jax.vmap(fn)(x0, labels, targets, attack_keys, defense_keys)
+    if check_keys is None:
+        fn = lambda x, y, t, ka, kd: run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len, stop, None, clean,
+                                             rule)
+        return jax.vmap(fn)(x0, labels, targets, attack_keys, defense_keys)
+    fn = lambda x, y, t, ka, kd, kc: run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len, stop, kc, clean,
+                                             rule)
+    return jax.vmap(fn)(x0, labels, targets, attack_keys, defense_keys, check_keys)

@@ -13,7 +13,8 @@ Proj projects onto the eps-ball around the original image and onto [0, 1].
 
 One step sends ONE batch of ``J + 1`` points to the oracle: the current point ``x`` (whose answer
 decides whether the attack believes it has succeeded, and stops there if so) and the ``J``
-antithetic perturbations. So ``cost = J + 1`` queries per step, success checks included. The
+antithetic perturbations. So ``cost = J + 1`` queries per step, success checks included (``checks = 1``:
+the answer at ``x`` is not in the estimate, so it is not a loss query in the papers' count). The
 perturbed points are not clipped to [0, 1] (clipping would break the antithetic symmetry); they
 leave the box by at most a few ``beta``.
 """
@@ -139,7 +140,7 @@ def nes(cfg: NESConfig) -> Attack:
         )
         return new, NESInfo(loss=loss_fn(probs[0], state.cls), grad_norm=jnp.sqrt(jnp.sum(g * g)))
 
-    return Attack(init=init, step=step, cost=J + 1, output="scores", targeted=cfg.targeted)
+    return Attack(init=init, step=step, cost=J + 1, output="scores", targeted=cfg.targeted, checks=1)
 
 
 register(AttackSpec(name="nes", config=NESConfig, build=lambda cfg, ctx: nes(cfg), family="score",

@@ -173,7 +173,7 @@ def zoo(cfg: ZOOConfig) -> Attack:
         m = margin_fn(cfg.targeted)(probs[0], state.cls)
         return new, ZOOInfo(loss=values[0], margin=m)
 
-    return Attack(init=init, step=step, cost=2 * cfg.coords + 1, output="scores", targeted=cfg.targeted)
+    return Attack(init=init, step=step, cost=2 * cfg.coords + 1, output="scores", targeted=cfg.targeted, checks=1)
 
 
 register(AttackSpec(
