@@ -7,7 +7,9 @@ input noise of std nu on the query image (SND, Byun et al. 2022) — the attack 
 ``--n-images`` correctly classified test images with its registered battery configuration (its
 norm, eps and documented query budget). The table has the shape of Aithal & Li's Tables 2/9 and
 SND's Table 3: ASR, mean queries and L2 distortion per attack and noise level. The protocol is
-:mod:`rnd_jax.evaluate`'s: ``asr`` — the final point fools a majority of 9 extra defended queries
+:mod:`rnd_jax.evaluate`'s, with the stop rule of those papers (``single``: the attack's own noisy
+verdict ends it; ``--stop-rule verified`` for the randomized feature defense paper's): ``asr_lucky``
+— that verdict (Aithal & Li's ASR); ``asr`` — the final point fools a majority of 9 extra defended queries
 and lies within the attack's eps-ball; ``asr_clean`` (fools the undefended model); ``asr_lucky``
 (the attack's own belief); queries of successes (budgeted queries only, success checks included);
 the 9 evaluation queries per image are not part of any budget and are reported on their own
@@ -42,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json, write_timing
+from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
+                                write_timing)
 from rnd_jax import data, models, plots
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
@@ -92,6 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="seed of the surrogate model's training (transfer priors); must differ from --train-seed")
     p.add_argument("--surrogate-model", default=None, help="surrogate architecture; default: the attacked model's")
     p.add_argument("--acc-draws", type=int, default=40, help="noise draws for the defended clean accuracy")
+    add_protocol_args(p, "single")
     add_run_args(p, "runs/attack_zoo")
     p.add_argument("--xla-opt-level", type=int, default=1, choices=(0, 1, 2, 3),
                    help="XLA backend optimisation level of each cell's runner (3 = XLA's default): level 1 "
@@ -210,6 +214,7 @@ def configure(args) -> dict:
         "surrogate_model": surrogate_model, "goal": "targeted" if args.targeted else "untargeted",
         "sigmas": sigmas, "nus": nus, "cells": [list(c) for c in grid], "attacks": runs,
         "skipped_attacks": skipped, "n_images": args.n_images, "check_queries": Protocol.check_queries,
+        "stop_rule": args.stop_rule, "count_checks": args.count_checks,
         "acc_draws": args.acc_draws, "seed": args.seed, "train_seed": args.train_seed,
         "surrogate_seed": args.surrogate_seed, "train": None, "surrogate_train": None, "smoke": args.smoke,
         "xla_backend_optimization_level": args.xla_opt_level,
@@ -295,7 +300,8 @@ def main(argv=None) -> dict:
         name = run["attack"]
         attack = make_attack(name, ctx, **run["config"])
         protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=run["budget"],
-                            acc_draws=cfg["acc_draws"], eps=run["config"]["eps"], norm=run["config"]["norm"])
+                            acc_draws=cfg["acc_draws"], eps=run["config"]["eps"], norm=run["config"]["norm"],
+                            stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
         validate_selection(attack, Oracle(clean, attack.output), protocol, sel)
         t0 = time.time()
         runner = level_runner(attack, clean, protocol, sel, keys, options)
@@ -336,4 +342,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,33 @@ def add_run_args(p, out: str) -> None:
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_protocol_args(p, stop_rule: str = "single") -> None:
+    """``--stop-rule`` and ``--count-checks`` (:class:`rnd_jax.evaluate.Protocol`); ``stop_rule`` is the default of
+    the paper the experiment reproduces."""
+    from rnd_jax.attacks.driver import STOP_RULES
+
+    p.add_argument("--stop-rule", default=stop_rule, choices=STOP_RULES,
+                   help="when an attack ends: its own noisy answer (single), a majority of 9 fresh defended checks "
+                        "at each claim (verified; randomized feature defense App. D.4), or the undefended model's "
+                        "verdict at each claim (clean; a measurement mode)")
+    p.add_argument("--count-checks", action="store_true", help="verified: the check queries count against the budget")
+
+
+def cli(main, argv=None):
+    """Run an experiment's ``main``; a ``ValueError`` or an unprepared dataset prints its message (no traceback)
+    and exits 2. ``RND_JAX_TRACEBACK=1`` re-raises instead."""
+    from rnd_jax.data import DatasetNotPreparedError
+
+    try:
+        return main(argv)
+    except (ValueError, DatasetNotPreparedError) as e:
+        if os.environ.get("RND_JAX_TRACEBACK"):
+            raise
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "experiment"
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | None = None,

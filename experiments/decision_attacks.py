@@ -57,11 +57,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json, write_timing
+from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
+                                write_timing)
 from rnd_jax import data, models
-from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
+from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level
-from rnd_jax.evaluate import Protocol, image_keys, select_images, validate_selection
+from rnd_jax.evaluate import (Protocol, QueryTap, image_keys, make_tapped_runner, run_tapped, select_images, successes,
+                              validate_selection)
 from rnd_jax.oracle import Oracle, query_keys
 
 DEFAULT_NUS = (0.0, 1e-3, 1e-2)
@@ -92,6 +94,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-l2", type=float, default=1.0, help="success radius of the l2 attacks")
     p.add_argument("--eps-linf", type=float, default=0.15, help="success radius of the l_inf attacks")
     p.add_argument("--clean-draws", type=int, default=20, help="noise draws per test image for P_mis on clean images")
+    add_protocol_args(p, "single")
     add_run_args(p, "runs/decision_attacks")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for tests: 3 images, 600 queries (checkpoints 200/600), nu 0 and 1e-2, "
@@ -137,27 +140,11 @@ def configure(args) -> dict:
         "experiment": "decision_attacks", "dataset": args.dataset, "model": model_name, "num_classes": ds.num_classes,
         "attacks": names, "defenses": [{"defense": d, "level": v} for d, v in defenses],
         "checkpoints": checkpoints, "eps": eps, "n_images": args.n_images, "budget": args.max_queries,
-        "clean_draws": args.clean_draws, "check_queries": 9,
+        "clean_draws": args.clean_draws, "check_queries": 9, "stop_rule": args.stop_rule,
+        "count_checks": args.count_checks,
         "seed": args.seed, "train_seed": args.train_seed, "train": None,
         "_defenses": defenses,
     }
-
-
-class Tap:
-    """Host-side record of every query of one image: count, mismatches, last point."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.n, self.mis, self.last = 0, 0, None
-
-    def record(self, noisy, clean, x):
-        noisy, clean, x = np.asarray(noisy), np.asarray(clean), np.asarray(x)
-        self.n += len(noisy)
-        self.mis += int(np.sum(noisy != clean))
-        if len(x):
-            self.last = x[-1]
 
 
 def leveled_defense(clean, nu, sigma):
@@ -176,31 +163,6 @@ def leveled_defense(clean, nu, sigma):
     return scores
 
 
-def tapped(defended, clean, tap: Tap):
-    """``defended`` that also reports each query batch to ``tap`` (answers unchanged)."""
-
-    def scores(x, keys):
-        p = defended(x, keys)
-        jax.debug.callback(tap.record, jnp.argmax(p, -1), jnp.argmax(clean(x, None), -1), x, ordered=True)
-        return p
-
-    return scores
-
-
-def image_runner(attack, clean, tap: Tap, budget: int, check_queries: int):
-    """Jitted ``(nu, sigma, x0, label, ka, kd, kc) -> (Result, votes, clean_pred)`` for one image."""
-
-    def run(nu, sigma, x0, label, ka, kd, kc):
-        defended = leveled_defense(clean, nu, sigma)
-        res = driver.run_one(attack, Oracle(tapped(defended, clean, tap), "label"), x0, label, -1, ka, kd, budget)
-        pred = jnp.argmax(defended(jnp.broadcast_to(res.x_adv, (check_queries,) + x0.shape),
-                                   query_keys(kc, 0, check_queries)), -1)
-        votes = jnp.mean(pred != label)
-        return res, votes, jnp.argmax(clean(res.x_adv[None], None), -1)[0]
-
-    return jax.jit(run)
-
-
 def p_mis_clean_fn(clean):
     """Jitted ``(nu, sigma, images, key) -> P(h(x + noise) != h(x))`` for one noise draw per image."""
 
@@ -211,22 +173,18 @@ def p_mis_clean_fn(clean):
     return jax.jit(f)
 
 
-def cell_metrics(sel, x_adv, queries, lucky, votes, clean_pred, eps: float, norm: str, checkpoints,
-                 check_queries: int) -> dict:
-    """Per (attack, defense): ASR at each checkpoint (verified, clean, lucky), queries, distances."""
-    q = np.asarray(queries)
-    delta = (np.asarray(x_adv) - sel.images).reshape(len(q), -1)
+def cell_metrics(sel, res, votes, clean_pred, eps: float, norm: str, checkpoints, check_queries: int) -> dict:
+    """Per (attack, defense): ASR at each checkpoint (every success notion of the protocol), queries, distances."""
+    q = np.asarray(res.queries)
+    delta = (np.asarray(res.x_adv) - sel.images).reshape(len(q), -1)
     d = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
-    within = d <= eps + 1e-5
-    verified = (np.asarray(votes) * check_queries > check_queries / 2) & within
-    fooled = (np.asarray(clean_pred) != sel.labels) & within
-    lucky = np.asarray(lucky) & within
+    ok = successes(sel, res, votes, clean_pred, False, check_queries, eps, norm)
     row = {"n_images": int(len(q)), "queries_total": int(q.sum())}
     for b in checkpoints:
         k = f"{b // 1000}K" if b % 1000 == 0 else str(b)
-        row[f"asr@{k}"] = float(np.mean(verified & (q <= b)))
-        row[f"asr_clean@{k}"] = float(np.mean(fooled & (q <= b)))
-        row[f"asr_lucky@{k}"] = float(np.mean(lucky & (q <= b)))
+        for kind, flags in ok.items():
+            row[f"{kind}@{k}"] = float(np.mean(flags & (q <= b)))
+    verified = ok["asr"]
     row["queries_mean"] = float(np.mean(q[verified])) if verified.any() else math.nan
     row["dist_best_median"] = float(np.median(d))  # distance of the returned (best) point, all images
     return row
@@ -291,39 +249,20 @@ def main(argv=None) -> dict:
         norm = ATTACKS[name].battery["norm"]
         eps = cfg["eps"][norm]
         attack = make_attack(name, ctx, eps=eps, norm=norm, targeted=False)
-        protocol = Protocol(n_images=n, targeted=False, budget=budget, eps=eps, norm=norm, check_queries=m)
+        protocol = Protocol(n_images=n, targeted=False, budget=budget, eps=eps, norm=norm, check_queries=m,
+                            stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
         validate_selection(attack, Oracle(clean, "label"), protocol, sel)
-        tap = Tap()
-        run = image_runner(attack, clean, tap, budget, m)
+        tap = QueryTap()
+        run = jax.jit(make_tapped_runner(attack, lambda lv: leveled_defense(clean, *lv), clean, protocol, tap))
         for defense, level in defenses:
             nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
-            x_adv, queries, lucky, votes, clean_pred = [], [], [], [], []
-            n_q = n_mis = 0
-            l2_last = []
-            for i in range(n):
-                tap.reset()
-                res, vote, cp = run(nu, sigma, sel.images[i], sel.labels[i], ka[i], kd[i], kc[i])
-                res = jax.block_until_ready(res)
-                jax.effects_barrier()
-                if tap.n != int(res.queries):
-                    raise RuntimeError(f"{name}: image {i} asked {tap.n} points; the driver counted {int(res.queries)}")
-                x_adv.append(np.asarray(res.x_adv))
-                queries.append(int(res.queries))
-                lucky.append(bool(res.lucky))
-                votes.append(float(vote))
-                clean_pred.append(int(cp))
-                n_q += tap.n
-                n_mis += tap.mis
-                if tap.last is not None:
-                    l2_last.append(float(np.linalg.norm((tap.last - sel.images[i]).ravel())))
+            res, votes, clean_pred, taps = run_tapped(run, tap, sel, (ka, kd, kc), protocol, level=(nu, sigma))
             label = "none" if level == 0.0 else (f"SND nu={level:g}" if defense == "input_noise"
                                                  else f"output sigma={level:g}")
             row = {"attack": name, "norm": norm, "eps": eps, "defense": defense, "level": level,
                    "defense_label": label,
-                   **cell_metrics(sel, np.stack(x_adv), queries, lucky, votes, clean_pred, eps, norm,
-                                  cfg["checkpoints"], m),
-                   "p_mis": n_mis / n_q if n_q else math.nan, "p_mis_clean": pmis_clean[(defense, level)],
-                   "l2_query": float(np.mean(l2_last)) if l2_last else math.nan}
+                   **cell_metrics(sel, res, votes, clean_pred, eps, norm, cfg["checkpoints"], m),
+                   "p_mis": taps["p_mis"], "p_mis_clean": pmis_clean[(defense, level)], "l2_query": taps["l2_query"]}
             rows.append(row)
         timing[name] = time.time() - t0
 
@@ -344,4 +283,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -5,7 +5,9 @@ Table 12 (per-pixel L2 distortion), on our own model and data. For each output-n
 the defended model answers ``min(|F(x) + sigma*v|, 1)``; targeted NES (J = 50 antithetic samples,
 beta = 1e-3) attacks ``--n-images`` correctly classified test images with ``--max-queries`` queries
 each. The protocol (image choice, asr by majority of 9 defended checks, asr_clean, asr_lucky,
-distortion, defended clean accuracy over 40 draws) is :mod:`rnd_jax.evaluate`'s.
+distortion, defended clean accuracy over 40 draws) is :mod:`rnd_jax.evaluate`'s, with Aithal & Li's
+stop rule ``single`` by default (the attack's own noisy verdict ends it; their ASR is that verdict,
+``asr_lucky``); ``--stop-rule verified`` runs the randomized feature defense paper's rule instead.
 
 Default run (digits, 100 images, 10 000 queries, 7 noise levels; a few minutes on 2 CPU cores)::
 
@@ -24,7 +26,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from experiments.common import add_model_args, add_run_args, setup, table, write_csv, write_json, write_timing
+from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
+                                write_timing)
 from rnd_jax import data, models
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
@@ -60,6 +63,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1e-3, help="NES search variance")
     p.add_argument("--lr", type=float, default=None, help="NES step size (default eps/10 linf, eps/5 l2)")
     p.add_argument("--acc-draws", type=int, default=40, help="noise draws for the defended clean accuracy")
+    add_protocol_args(p, "single")
     add_run_args(p, "runs/nes_vs_output_noise")
     p.add_argument("--smoke", action="store_true", help="tiny run for tests: 8 images, 1 000 queries, sigma 0 and 1e-2")
     return p
@@ -78,13 +82,14 @@ def configure(args) -> dict:
     nes_cfg = NESConfig(eps=args.eps, norm=args.norm, targeted=args.targeted, samples=args.samples,
                         beta=args.beta, lr=args.lr)
     protocol = Protocol(n_images=args.n_images, targeted=args.targeted, budget=args.max_queries,
-                        acc_draws=args.acc_draws)
+                        acc_draws=args.acc_draws, stop_rule=args.stop_rule, count_checks=args.count_checks)
     return {
         "experiment": "nes_vs_output_noise", "dataset": args.dataset, "model": model_name,
         "num_classes": ds.num_classes, "sigmas": sigmas, "noise_space": args.noise_space,
         "nes": {k: getattr(nes_cfg, k) for k in ("eps", "norm", "targeted", "samples", "beta", "momentum", "loss_name", "step_size")},
         "protocol": {"n_images": protocol.n_images, "targeted": protocol.targeted, "budget": protocol.budget,
-                     "check_queries": protocol.check_queries, "acc_draws": protocol.acc_draws},
+                     "check_queries": protocol.check_queries, "acc_draws": protocol.acc_draws,
+                     "stop_rule": protocol.stop_rule, "count_checks": protocol.count_checks},
         "seed": args.seed, "train_seed": args.train_seed, "train": None,
         "_nes_cfg": nes_cfg, "_protocol": protocol,
     }
@@ -132,4 +137,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

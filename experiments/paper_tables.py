@@ -51,6 +51,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.common import cli  # noqa: E402
 from experiments.sweep import size_of  # noqa: E402
 from rnd_jax import grids as builtin  # noqa: E402
 from rnd_jax import sweep  # noqa: E402
@@ -83,9 +84,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def _at_budget(record: dict, key: str):
     """``<kind>@B`` for a success notion (``asr``, ``asr_stop``, ``asr_clean``, ``asr_lucky``) and its robust
-    accuracies (``robust[_all][_stop]@B``): the share of images with that success within ``B`` queries."""
+    accuracies (``robust[_all][_stop]@B``): the share of images with that success within ``B`` queries.
+    ``@BxM`` scales ``B`` by the cell's EOT repeats M (SND's "2K x T", RFD's "M x 1000")."""
     base, b = key.split("@")
-    b = int(b)
+    b = int(b[:-2]) * record["cell"]["attack"]["eot"] if b.endswith("xM") else int(b)
     img = record["images"]
     if base.startswith("robust"):
         over_all = base.startswith("robust_all")
@@ -180,7 +182,10 @@ def render(grid: dict, records: list[dict], command: str, missing=(), pending: i
     if rows:
         first = rows[0]
         budgets = sorted({r["budget"] for r in rows})
-        lines += [f"Setup: {first['dataset']} / {first['model']}, {first['n_images']} images per cell, "
+        sel = first.get("n_selected", first["n_images"])
+        images = (f"{first['n_images']} images per cell" if sel == first["n_images"] else
+                  f"{sel} images per cell ({first['n_images']} correctly classified and attacked)")
+        lines += [f"Setup: {first['dataset']} / {first['model']}, {images}, "
                   f"{'targeted' if first['targeted'] else 'untargeted'}, budget {', '.join(map(str, budgets))} "
                   f"queries, seeds {sorted({r['seed'] for r in rows})}; clean accuracy {first['acc_clean']:.4f}. "
                   f"Command: `{command}`", ""]
@@ -284,4 +289,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

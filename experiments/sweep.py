@@ -46,6 +46,7 @@ import math
 import sys
 from pathlib import Path
 
+from experiments.common import cli
 from rnd_jax import grids as builtin
 from rnd_jax import sweep
 
@@ -156,4 +157,4 @@ def summary(records) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

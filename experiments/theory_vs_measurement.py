@@ -43,7 +43,7 @@ import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm)
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import table, write_json, write_timing
+from experiments.common import cli, table, write_json, write_timing
 from rnd_jax import data, models, stats, train
 from rnd_jax.defenses import feature_noise, input_noise, model_scorer, output_noise
 from rnd_jax.theory import aithal_li, montecarlo, park, rfd
@@ -543,4 +543,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -97,15 +97,20 @@ def _normal(keys, shape, dtype):
     return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
 
 
-def output_noise(scorer: Scorer, sigma, space: str = "probs") -> Scorer:
+def output_noise(scorer: Scorer, sigma, space: str = "probs", postprocess: bool = True) -> Scorer:
     """Gaussian noise of std ``sigma`` on the answer (Aithal & Li 2022, Theorem 1 setting).
 
-    ``space="probs"``: ``min(|F(x) + sigma*v|, 1)`` — the paper's post-processing.
+    ``space="probs"``: ``min(|F(x) + sigma*v|, 1)`` — the paper's post-processing of soft labels; with
+    ``postprocess=False`` the raw ``F(x) + sigma*v`` (entries may be < 0 or > 1), whose argmax is the
+    paper's hard label ``argmax(F(x) + sigma*v)`` (their Tables 3 and 10; the absolute value can change
+    the argmax when a large negative entry flips sign).
     ``space="logits"``: ``softmax(z(x) + sigma*v)``, a proper probability vector.
     """
     sigma = check_level("sigma", sigma)
     if space not in OUTPUT_SPACES:
         raise ValueError(f"unknown output-noise space {space!r}; choose one of {OUTPUT_SPACES}")
+    if not isinstance(postprocess, bool):
+        raise ValueError(f"output-noise postprocess must be a bool, got {postprocess!r}")
     if _is_zero(sigma):
         return scorer
 
@@ -114,7 +119,7 @@ def output_noise(scorer: Scorer, sigma, space: str = "probs") -> Scorer:
         p = scorer(x, inner)
         v = _normal(mine, p.shape[1:], p.dtype)
         if space == "probs":
-            return jnp.minimum(jnp.abs(p + sigma * v), 1.0)
+            return jnp.minimum(jnp.abs(p + sigma * v), 1.0) if postprocess else p + sigma * v
         logp = jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
         return jax.nn.softmax(logp + sigma * v, axis=-1)
 
@@ -297,7 +302,9 @@ def _on_clean(fn):
 
 DEFENSES: dict[str, DefenseSpec] = {d.name: d for d in (
     DefenseSpec("none", "level", lambda model, params, level, input_shape: model_scorer(model, params), False),
-    DefenseSpec("output_noise", "sigma", _on_clean(lambda s, v: output_noise(s, v, "probs")), True),
+    DefenseSpec("output_noise", "sigma", _on_clean(lambda s, v, postprocess=True: output_noise(s, v, "probs",
+                                                                                              postprocess)),
+                True, ("postprocess",)),
     DefenseSpec("output_noise_logits", "sigma", _on_clean(lambda s, v: output_noise(s, v, "logits")), True),
     DefenseSpec("input_noise", "nu", _on_clean(input_noise), True, ("clip", "scale")),
     DefenseSpec("feature_noise", "nu",

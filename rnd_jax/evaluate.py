@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnd_jax.attacks.driver import STOP_RULES, Attack, Result, StopRule, run, validate
+from rnd_jax.attacks.driver import STOP_RULES, Attack, Result, StopRule, run, run_one, validate
 from rnd_jax.defenses import Scorer
 from rnd_jax.oracle import Oracle, query_keys
 
@@ -202,14 +202,104 @@ def make_runner(attack: Attack, oracle: Oracle, clean: Scorer, protocol: Protoco
     return runner
 
 
-def defended_accuracy(defended: Scorer, images, labels, key, draws: int) -> np.ndarray:
-    """Accuracy of the defended model on ``images`` for each of ``draws`` noise draws: f32[draws]."""
+def defended_accuracy(defended: Scorer, images, labels, key, draws: int, clean_pred=None):
+    """Accuracy of the defended model on ``images`` for each of ``draws`` noise draws: f64[draws].
+
+    With ``clean_pred`` (the clean model's classes of ``images``) also returns, per draw, the share
+    of images whose defended class differs from the clean one (SND's ``P_mis`` on clean images).
+    """
     labels = np.asarray(labels)
-    accs = []
+    accs, flips = [], []
     for d in range(draws):
         keys = query_keys(jax.random.fold_in(key, d), 0, len(labels))
-        accs.append(np.mean(predict(defended, images, keys) == labels))
-    return np.asarray(accs, np.float64)
+        pred = predict(defended, images, keys)
+        accs.append(np.mean(pred == labels))
+        if clean_pred is not None:
+            flips.append(np.mean(pred != np.asarray(clean_pred)))
+    accs = np.asarray(accs, np.float64)
+    return accs if clean_pred is None else (accs, np.asarray(flips, np.float64))
+
+
+class QueryTap:
+    """Host-side record of every query point of one image: count, label flips, last point.
+
+    ``P_mis`` (SND, Byun et al. 2022, Table 4) and the distance of the last query image (their Table 3)
+    need every point an attack asks, which it never returns. :func:`tap_scorer` reports each query
+    batch here through ``jax.debug.callback``; run images one at a time, unbatched (under ``vmap``
+    images that have stopped keep evaluating discarded points), and check ``n`` against the driver's
+    count.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.n, self.mis, self.last = 0, 0, None
+
+    def record(self, noisy, clean, x):
+        noisy, clean, x = np.asarray(noisy), np.asarray(clean), np.asarray(x)
+        self.n += len(noisy)
+        self.mis += int(np.sum(noisy != clean))
+        if len(x):
+            self.last = x[-1]
+
+
+def tap_scorer(defended: Scorer, clean: Scorer, tap: QueryTap) -> Scorer:
+    """``defended`` that also reports each query batch (defended and clean classes, points) to ``tap``."""
+
+    def scores(x, keys):
+        p = defended(x, keys)
+        jax.debug.callback(tap.record, jnp.argmax(p, -1), jnp.argmax(clean(x, None), -1), x, ordered=True)
+        return p
+
+    return scores
+
+
+def make_tapped_runner(attack: Attack, defended_at, clean: Scorer, protocol: Protocol, tap: QueryTap):
+    """The pure function to jit for ONE image: ``(level, x0, label, target, ka, kd, kc) -> (Result, vote, clean_pred)``.
+
+    ``defended_at(level)`` builds the defended scorer (``level`` may be traced). The attack asks through
+    :func:`tap_scorer`; the stop rule's and the protocol's checks ask the untapped defended scorer, so
+    ``tap`` sees exactly the attack's queries.
+    """
+
+    def runner(level, x0, label, target, ka, kd, kc):
+        defended = defended_at(level)
+        oracle = Oracle(tap_scorer(defended, clean, tap), attack.output)
+        res = run_one(attack, oracle, x0, label, target, ka, kd, protocol.budget, stop=protocol.stop,
+                      check_key=kc, clean=clean, checker=defended)
+        vote = check_success(defended, res.x_adv[None], label[None], target[None], kc[None], attack.targeted,
+                             protocol.check_queries)[0]
+        return res, vote, jnp.argmax(clean(res.x_adv[None], None), -1)[0]
+
+    return runner
+
+
+def run_tapped(runner, tap: QueryTap, sel: Selection, keys, protocol: Protocol, level=0.0):
+    """Run a jitted :func:`make_tapped_runner` image by image: ``(Result, votes, clean_pred, taps)``.
+
+    ``taps`` holds ``p_mis`` (label flips over all the attack's queries, pooled over images) and
+    ``l2_query`` (mean ``||x0 - x^q||_2`` of each image's last query point). Raises if the tap saw a
+    different number of points than the driver counted.
+    """
+    ka, kd, kc = keys
+    outs, n_q, n_mis, l2_last = [], 0, 0, []
+    for i in range(len(sel.labels)):
+        tap.reset()
+        out = jax.block_until_ready(runner(level, sel.images[i], sel.labels[i], sel.targets[i], ka[i], kd[i], kc[i]))
+        jax.effects_barrier()
+        res = out[0]
+        asked = int(res.queries) - (int(res.check_queries) if protocol.count_checks else 0)
+        if tap.n != asked:
+            raise RuntimeError(f"image {i}: the model was asked {tap.n} points; the driver counted {asked}")
+        outs.append(jax.tree.map(np.asarray, out))
+        n_q += tap.n
+        n_mis += tap.mis
+        if tap.last is not None:
+            l2_last.append(float(np.linalg.norm((tap.last - sel.images[i]).ravel())))
+    res, votes, clean_pred = jax.tree.map(lambda *a: np.stack(a), *outs)
+    taps = {"p_mis": n_mis / n_q if n_q else math.nan, "l2_query": _mean(np.asarray(l2_last))}
+    return res, votes, clean_pred, taps
 
 
 def _mean(a):

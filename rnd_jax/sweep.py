@@ -22,6 +22,7 @@ A **grid** is a plain dict (a JSON file, or a built-in of :mod:`rnd_jax.grids`):
       "stop_rule": "single",                       # "single" | "verified" | "clean" (rnd_jax.evaluate)
       "count_checks": false,                       # verified: check queries count against the budget
       "pool": "correct", "balanced": false,        # image selection (rnd_jax.evaluate.select_images)
+      "tap": false,                                # every query seen on the host: p_mis, l2_query (one image at a time)
       "eot_budget": "equal",                       # "scaled": a cell with EOT M gets M x the budget
       "smoke": {"n_images": 4, "budgets": [500]},  # top-level overrides for --smoke
       "full": {"n_images": 1000},                  # ... and for --full
@@ -30,6 +31,11 @@ A **grid** is a plain dict (a JSON file, or a built-in of :mod:`rnd_jax.grids`):
 
 The protocol keys (``stop_rule``, ``count_checks``, ``pool``, ``balanced``, ``check_queries``,
 ``acc_draws``) are those of :class:`rnd_jax.evaluate.Protocol`; each built-in grid sets its paper's.
+``tap``: run the cell's images one at a time through :func:`rnd_jax.evaluate.tap_scorer`, which sees
+every query on the host, for ``p_mis`` (SND Table 4) and ``l2_query`` (the last query image, SND Table
+3); the other metrics equal the batched run's (an image alone replays what it does in a batch). Every
+cell also reports ``p_mis_clean``: the share of clean test images whose defended class differs from the
+clean one, averaged over ``acc_draws`` draws.
 ``eot_budget``: ``"equal"`` keeps every cell at the grid's budget (EOT M then takes M times fewer
 steps); ``"scaled"`` gives a cell with EOT M the budget ``M x budget`` (the papers' repeated-query
 tables: RFD's "M x 1000", SND's "2K x T", Aithal & Li's N-fold query counts).
@@ -101,8 +107,8 @@ from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
 from rnd_jax.calibrate import calibrate
 from rnd_jax.defenses import DEFENSES, build_defense, check_level, model_scorer
-from rnd_jax.evaluate import (Protocol, defended_accuracy, image_keys, make_runner, per_image, select_images,
-                              successes, summarize, validate_selection)
+from rnd_jax.evaluate import (Protocol, QueryTap, defended_accuracy, image_keys, make_runner, make_tapped_runner,
+                              per_image, run_tapped, select_images, successes, summarize, validate_selection)
 from rnd_jax.evaluate import predict as evaluate_predict
 from rnd_jax.oracle import Oracle
 
@@ -112,7 +118,7 @@ __all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "expand", "flat"
 SIZES = ("smoke", "default", "full")
 GRID_KEYS = ("name", "description", "datasets", "attacks", "defenses", "targeted", "budgets", "norm", "eps",
              "n_images", "seeds", "check_queries", "acc_draws", "calib_draws", "stop_rule", "count_checks", "pool",
-             "balanced", "eot_budget", "smoke", "full", "table")
+             "balanced", "tap", "eot_budget", "smoke", "full", "table")
 EOT_BUDGETS = ("equal", "scaled")
 ATTACK_KEYS = ("name", "config", "sweep", "eot", "label")
 DEFENSE_KEYS = ("name", "levels", "drops", "options", "sweep", "label")
@@ -440,12 +446,12 @@ def _protocol_choices(grid: dict, name: str) -> dict:
     pool = grid.get("pool", "correct")
     if pool not in POOLS:
         raise ValueError(f"grid {name!r}: unknown pool {pool!r}; choose one of {POOLS}")
-    for k in ("count_checks", "balanced"):
+    for k in ("count_checks", "balanced", "tap"):
         if not isinstance(grid.get(k, False), bool):
             raise ValueError(f"grid {name!r}: {k} must be a bool, got {grid.get(k)!r}")
     for k, v, default in (("stop_rule", rule, "single"), ("pool", pool, "correct"),
                           ("count_checks", grid.get("count_checks", False), False),
-                          ("balanced", grid.get("balanced", False), False)):
+                          ("balanced", grid.get("balanced", False), False), ("tap", grid.get("tap", False), False)):
         if v != default:
             out[k] = v
     return out
@@ -710,10 +716,10 @@ class Sweeper:
                 self._acc_fns[fk] = jax.jit(lambda lvl, xx, keys: build_defense(
                     d["name"], model, params, lvl if traced else fixed, shape, **d["options"])(xx, keys))
             fn, lvl = self._acc_fns[fk], np.float32(level if traced else 0.0)
-            accs = defended_accuracy(lambda xx, keys: fn(lvl, xx, keys), x, y, _streams(c["seed"])[3],
-                                     c["protocol"]["acc_draws"])
+            accs, flips = defended_accuracy(lambda xx, keys: fn(lvl, xx, keys), x, y, _streams(c["seed"])[3],
+                                            c["protocol"]["acc_draws"], clean_pred=evaluate_predict(self._jitted[mk], x))
             self._acc[k] = {"acc_clean": clean_acc, "acc_defended_mean": float(accs.mean()),
-                            "acc_defended_worst": float(accs.min())}
+                            "acc_defended_worst": float(accs.min()), "p_mis_clean": float(flips.mean())}
         return self._acc[k]
 
     def _defense(self, c: dict, level):
@@ -756,6 +762,25 @@ class Sweeper:
             self._runners[k] = jax.jit(fn, out_shardings=NamedSharding(self.mesh, P()))
         return self._runners[k]
 
+    def tapped_runner(self, c: dict, attack, protocol: Protocol, level):
+        """The jitted one-image runner of a tapped cell (``protocol.tap``) and its :class:`QueryTap`."""
+        d = c["defense"]
+        traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
+        k = ("tap", c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True),
+             c["targeted"], d["name"], json.dumps(d["options"], sort_keys=True),
+             None if traced else json.dumps(level), protocol)
+        if k not in self._runners:
+            model, params, clean, x, _ = self.model(c)
+            shape = tuple(np.shape(x)[1:])
+
+            def defended_at(lvl):
+                use = lvl if traced else (0.0 if d["name"] == "none" else level)
+                return build_defense(d["name"], model, params, use, shape, **d["options"])
+
+            tap = QueryTap()
+            self._runners[k] = (jax.jit(make_tapped_runner(attack, defended_at, clean, protocol, tap)), tap)
+        return self._runners[k]
+
     def _place(self, arrays, n_pad: int):
         """Pad each per-image array to ``n_pad`` rows (copies of row 0) and shard it over the mesh."""
         sharding = NamedSharding(self.mesh, P("images"))
@@ -778,18 +803,25 @@ class Sweeper:
         defended = self._defense(c, level)
         validate_selection(attack, Oracle(defended, attack.output), protocol, sel)
         k_attack, k_defense = jax.random.split(cell_key(cell))
-        ka, kd, kc = (np.asarray(jax.random.key_data(k)) for k in image_keys(k_attack, k_defense, sel.index))
-        n = len(sel.labels)
-        n_pad = -(-n // self.n_devices) * self.n_devices
-        fn = self.runner(c, attack, protocol, level, n_pad)
-        args = self._place([sel.images, sel.labels, sel.targets, ka, kd, kc], n_pad)
+        keys = image_keys(k_attack, k_defense, sel.index)
         lvl = np.asarray(level if isinstance(level, float) else 0.0, np.float32)
-        lvl = jax.make_array_from_callback((), NamedSharding(self.mesh, P()), lambda idx: lvl[idx])
-        res, votes, clean_pred = jax.block_until_ready(fn(lvl, *args))
-        res = jax.tree.map(lambda a: np.asarray(a)[:n], res)
-        votes, clean_pred = np.asarray(votes)[:n], np.asarray(clean_pred)[:n]
+        taps = {}
+        if c["protocol"].get("tap"):
+            fn, tap = self.tapped_runner(c, attack, protocol, level)
+            res, votes, clean_pred, taps = run_tapped(fn, tap, sel, keys, protocol, level=lvl)
+        else:
+            ka, kd, kc = (np.asarray(jax.random.key_data(k)) for k in keys)
+            n = len(sel.labels)
+            n_pad = -(-n // self.n_devices) * self.n_devices
+            fn = self.runner(c, attack, protocol, level, n_pad)
+            args = self._place([sel.images, sel.labels, sel.targets, ka, kd, kc], n_pad)
+            lvl = jax.make_array_from_callback((), NamedSharding(self.mesh, P()), lambda idx: lvl[idx])
+            res, votes, clean_pred = jax.block_until_ready(fn(lvl, *args))
+            res = jax.tree.map(lambda a: np.asarray(a)[:n], res)
+            votes, clean_pred = np.asarray(votes)[:n], np.asarray(clean_pred)[:n]
         metrics = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                             protocol.norm)
+        metrics.update(taps)
         images = per_image(sel, res, votes, clean_pred)
         ok = successes(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                        protocol.norm)

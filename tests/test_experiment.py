@@ -48,3 +48,19 @@ def test_smoke_run_writes_results_and_replays_bit_identically(tmp_path, digits_m
     per = res["images"]["0"]
     assert len(per["queries"]) == 8 and all(q <= 1000 for q in per["queries"])
     assert all(t != y for t, y in zip(per["target"], per["label"]))
+
+
+@pytest.mark.parametrize("module", ["nes_vs_output_noise", "attack_zoo", "decision_attacks", "defense_comparison"])
+def test_unprepared_dataset_prints_the_message_and_exits_2(module, tmp_path, capsys):
+    """A tfds dataset that is not prepared in --data-dir: the message saying how to prepare it, no traceback."""
+    import importlib
+
+    from experiments.common import cli
+
+    mod = importlib.import_module(f"experiments.{module}")
+    with pytest.raises(SystemExit) as e:
+        cli(mod.main, ["--dataset", "mnist", "--data-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "o"),
+                       "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "mnist" in err and "tfds build" in err and "Traceback" not in err

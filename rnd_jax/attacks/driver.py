@@ -247,8 +247,7 @@ def _rule_index(stop: StopRule, rule):
     return jnp.asarray(rule, jnp.int32), True
 
 
-def _judge(attack: Attack, oracle: Oracle, stop: StopRule, rule, c: Carry, state, queries, budget: int,
-           check_key, clean):
+def _judge(attack: Attack, checker, stop: StopRule, rule, c: Carry, state, queries, budget: int, check_key, clean):
     """Apply the stop rule after one step: ``(state with done = verdict, queries, check queries, rejected)``."""
     mode, traced = _rule_index(stop, rule)
     if not traced and mode == 0:
@@ -276,7 +275,7 @@ def _judge(attack: Attack, oracle: Oracle, stop: StopRule, rule, c: Carry, state
 
         def votes(_):
             xs = jnp.broadcast_to(state.x, (m,) + state.x.shape)
-            pred = jnp.argmax(oracle.scorer(xs, query_keys(stream, c.check_queries, m)), -1)
+            pred = jnp.argmax(checker(xs, query_keys(stream, c.check_queries, m)), -1)
             return jnp.sum(adversarial(pred)).astype(jnp.int32)
 
         v = run_if(want, votes, jnp.zeros((), jnp.int32))
@@ -303,8 +302,13 @@ def _judge(attack: Attack, oracle: Oracle, stop: StopRule, rule, c: Carry, state
 
 def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: int,
             trace_len: int = 256, max_steps: int | None = None, stop: StopRule = SINGLE, check_key=None,
-            clean=None, rule=None) -> Carry:
-    """Step one image until the stop rule ends it, the budget is spent, or ``max_steps`` more steps."""
+            clean=None, rule=None, checker=None) -> Carry:
+    """Step one image until the stop rule ends it, the budget is spent, or ``max_steps`` more steps.
+
+    ``checker``: the defended scorer the verified rule asks (default ``oracle.scorer``; a caller that
+    taps the oracle's scorer passes the untapped one, so the evaluator's checks are not seen as queries).
+    """
+    checker = oracle.scorer if checker is None else checker
     slots, stride = trace_stride(budget, attack.cost, trace_len)
     stop_at = None if max_steps is None else carry.state.step + max_steps
 
@@ -321,8 +325,8 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
         state, info = attack.step(c.state, bound)
         spent = _spent(attack, bound.used, info)
         claimed = jnp.asarray(state.done, bool)
-        state, queries, n_checks, rejected = _judge(attack, oracle, stop, rule, c, state, c.queries + spent, budget,
-                                                    check_key, clean)
+        state, queries, n_checks, rejected = _judge(attack, checker, stop, rule, c, state, c.queries + spent,
+                                                    budget, check_key, clean)
         s = c.state.step
         slot = jnp.minimum(s // stride, slots - 1)
         record = (s % stride) == 0
@@ -356,16 +360,16 @@ def finish(carry: Carry, attack: Attack | None = None, stop: StopRule = SINGLE) 
 
 def run_one(attack: Attack, oracle: Oracle, x0, label, target, attack_key, defense_key,
             budget: int, trace_len: int = 256, stop: StopRule = SINGLE, check_key=None, clean=None,
-            rule=None) -> Result:
+            rule=None, checker=None) -> Result:
     """Attack one image ``x0: f32[H, W, C]``. Pure; jit it at the top with static attack/oracle/budget.
 
     ``stop``: the stop rule (module docstring); ``check_key`` (the image's check-noise key) is needed by
     ``"verified"``, ``clean`` (the undefended scorer) by ``"clean"``; ``rule`` optionally overrides
-    ``stop.name`` with an index into :data:`STOP_RULES` that may be traced.
+    ``stop.name`` with an index into :data:`STOP_RULES` that may be traced; ``checker`` see :func:`advance`.
     """
     carry = start(attack, attack_key, x0, label, target, budget, trace_len)
     carry = advance(attack, oracle, carry, defense_key, budget, trace_len, stop=stop, check_key=check_key,
-                    clean=clean, rule=rule)
+                    clean=clean, rule=rule, checker=checker)
     return finish(carry, attack, stop)
 
 
