@@ -15,8 +15,18 @@ and only batching across images fills the device.)
 Proposals. At iteration ``i`` (the first step asks about the initial point, iteration 0 is the
 second step) the square side is ``s = round(sqrt(p_i * n / c))`` for ``n = h*w*c`` with the
 piecewise-constant schedule :func:`p_schedule`: ``p_init`` halved at iterations 10, 50, 200, 500,
-1000, 2000, 4000, 6000 and 8000 of a run rescaled to 10 000 iterations (``n_iters`` is the
-iteration budget the schedule is stretched over).
+1000, 2000, 4000, 6000 and 8000 of a run rescaled to 10 000 iterations, stretched over ``n_iters``
+iterations. As in the reference implementation, ``n_iters`` is the run's query budget: with
+``n_iters=None`` (the default) it is the budget of the run the step belongs to (``oracle.budget``,
+which under :func:`~rnd_jax.attacks.adaptive.eot` is already divided by the repeats), and the
+iteration is the number of queries spent before the step minus one (``oracle.spent - 1``; in a
+plain run that is ``step - 1``), so the schedule reaches its last, smallest window as the budget
+runs out whatever the budget. An explicit ``n_iters`` stretches the schedule over that many
+iterations instead. Past ``n_iters`` the window stays at its smallest size (the reference returns
+to ``p_init`` there, which it never reaches with ``n_iters`` = the budget; a window that jumps back
+to its initial size late in a run would undo the schedule). An oracle bound outside the driver has
+no budget: then the iteration is ``step - 1`` and ``n_iters`` defaults to
+:data:`DEFAULT_N_ITERS` (the paper's 10 000).
 
 - ``square_linf``: start from vertical stripes ``x0 + eps * (+-1 per column and channel)``; a
   proposal sets a random ``s x s`` window (``1 <= s <= min(h, w) - 1``) to ``x0 + eps * (+-1 per
@@ -36,9 +46,9 @@ equals the current point or any of the last ``memory`` queried points (compared 
 exact integer hashes of the float bits); after half of ``max_tries`` draws the window size is also
 drawn at random. Only if every draw fails is a repeated point sent.
 
-Defaults. The paper's standard ``p_init`` is 0.05 (l_inf) and 0.1 (l_2) with ``n_iters = 10 000``;
-``p`` is a fraction of the image, so it needs no rescaling, but the window sides are small integers
-on 8x8 digits. Window positions are uniform over all ``(h - s + 1)^2`` placements (the reference
+Defaults. The paper's standard ``p_init`` is 0.05 (l_inf) and 0.1 (l_2) with ``n_iters`` = the
+query budget (10 000 in its tables); ``p`` is a fraction of the image, so it needs no rescaling,
+but the window sides are small integers on 8x8 digits. Window positions are uniform over all ``(h - s + 1)^2`` placements (the reference
 code draws from ``h - s`` of them).
 """
 
@@ -61,19 +71,41 @@ SIGN_DRAWS = 8  # l_inf: sign vectors drawn at once for one window (the paper re
 
 # Iterations (of a run rescaled to 10 000) after which p is halved again (the paper's schedule).
 P_SCHEDULE_STEPS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+DEFAULT_N_ITERS = 10_000  # schedule length when neither the config nor the oracle gives one
 
 
 def p_schedule(p_init, it, n_iters: int):
     """The paper's fraction ``p`` of pixels changed at iteration ``it`` (0-based) of ``n_iters``.
 
-    ``it`` is rescaled to a 10 000-iteration run; ``p = p_init / 2^k`` where ``k`` counts the
-    schedule points passed; past the end of the schedule (``it > n_iters``) ``p`` returns to
-    ``p_init``, as in the reference implementation.
+    ``it`` (traced or not) is rescaled to a 10 000-iteration run, ``t = floor(it * 10 000 /
+    n_iters)``; ``p = p_init / 2^k`` where ``k`` counts the schedule points ``t`` has passed.
+    ``n_iters`` is a static int: the rescaled breakpoints are exact integer thresholds on ``it``
+    (no overflow for any budget). Past ``n_iters`` ``p`` stays at its last value ``p_init / 512``
+    (module docstring).
     """
-    t = (jnp.asarray(it, jnp.int32) * 10_000) // n_iters
-    k = jnp.sum(t > jnp.asarray(P_SCHEDULE_STEPS, jnp.int32))
-    p = jnp.asarray(p_init, jnp.float32) / (2.0 ** k.astype(jnp.float32))
-    return jnp.where(t > 10_000, jnp.asarray(p_init, jnp.float32), p)
+    if isinstance(n_iters, bool) or not isinstance(n_iters, (int, np.integer)) or n_iters < 1:
+        raise ValueError(f"Square n_iters must be an int >= 1, got {n_iters!r}")
+    n_iters = int(n_iters)
+    # floor(it * 10_000 / n_iters) > b  <=>  it >= ceil((b + 1) * n_iters / 10_000)
+    thresholds = jnp.asarray([-(-(b + 1) * n_iters // 10_000) for b in P_SCHEDULE_STEPS], jnp.int32)
+    k = jnp.sum(jnp.asarray(it, jnp.int32) >= thresholds)
+    return jnp.asarray(p_init, jnp.float32) / (2.0 ** k.astype(jnp.float32))
+
+
+def schedule_position(oracle, step, n_iters: int | None):
+    """(iteration, schedule length) of a step: see the module docstring.
+
+    With a budget on the oracle (bound by the driver) the iteration is ``oracle.spent - 1`` and the
+    default length the budget; without one, ``step - 1`` and :data:`DEFAULT_N_ITERS`.
+    """
+    budget = getattr(oracle, "budget", None)
+    if budget is None:
+        it = step - 1
+        length = DEFAULT_N_ITERS
+    else:
+        it = jnp.asarray(oracle.spent, jnp.int32) - 1
+        length = int(budget)
+    return it, (n_iters if n_iters is not None else max(1, length))
 
 
 def _check_common(cfg, want_norm: str):
@@ -88,8 +120,10 @@ def _check_common(cfg, want_norm: str):
         raise ValueError(f"Square p_init is a fraction of the image, must be <= 1, got {cfg.p_init!r}")
     for f in ("n_iters", "memory", "max_tries"):
         v = getattr(cfg, f)
+        if v is None and f == "n_iters":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"Square {f} must be an int >= 1, got {v!r}")
+            raise ValueError(f"Square {f} must be an int >= 1{' or None' if f == 'n_iters' else ''}, got {v!r}")
     if not isinstance(cfg.targeted, bool):
         raise ValueError(f"Square targeted must be a bool, got {cfg.targeted!r}")
 
@@ -102,7 +136,7 @@ class SquareLinfConfig:
     norm: str = "linf"
     targeted: bool = True
     p_init: float = 0.05  # initial fraction of pixels in the square
-    n_iters: int = 10_000  # iterations the p-schedule is stretched over
+    n_iters: int | None = None  # iterations the p-schedule is stretched over; None: the run's budget
     memory: int = 1024  # last queried points a proposal must differ from
     max_tries: int = 64  # proposal re-draws per step
 
@@ -118,7 +152,7 @@ class SquareL2Config:
     norm: str = "l2"
     targeted: bool = True
     p_init: float = 0.1
-    n_iters: int = 10_000
+    n_iters: int | None = None  # None: the run's budget
     memory: int = 1024
     max_tries: int = 64
 
@@ -142,6 +176,7 @@ class SquareInfo(NamedTuple):
     loss: jax.Array  # best loss after the step
     size: jax.Array  # i32: side of the square proposed this step
     tries: jax.Array  # i32: proposals drawn this step (1 unless re-drawn)
+    p: jax.Array  # f32: the schedule's fraction p at this step (p_init at the first step)
 
 
 # --------------------------------------------------------------------------------------------- hashing
@@ -324,10 +359,10 @@ def square(cfg) -> Attack:
             return jnp.clip(x0 + cfg.eps * stripes, 0.0, 1.0)
         return l2_init(k, x0, cfg.eps)
 
-    def propose(state: SquareState, k):
+    def propose(state: SquareState, k, p):
         h, w, c = state.x.shape
         table = None if linf else _inv_sq_cumsum(max(h, w) + 2)
-        s_sched = side(p_schedule(cfg.p_init, state.step - 1, cfg.n_iters), h, w, c, cfg.norm)
+        s_sched = side(p, h, w, c, cfg.norm)
         s_lo, s_hi = side_range(h, w, cfg.norm)
 
         def draw(t):
@@ -360,9 +395,11 @@ def square(cfg) -> Attack:
     def step(state: SquareState, oracle):
         k = jax.random.fold_in(state.key, state.step)
         first = state.step == 0
+        it, n_iters = schedule_position(oracle, state.step, cfg.n_iters)
+        p = p_schedule(cfg.p_init, jnp.maximum(it, 0), n_iters)
         cand, s, tries = jax.lax.cond(
             first, lambda: (first_point(k, state.x0), jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32)),
-            lambda: propose(state, k))
+            lambda: propose(state, k, p))
         probs = oracle(cand[None])[0]
         loss = loss_fn(probs, state.cls)
         accept = first | (loss < state.loss)
@@ -372,19 +409,19 @@ def square(cfg) -> Attack:
             x=jnp.where(accept, cand, state.x), x0=state.x0, loss=jnp.where(accept, loss, state.loss),
             cls=state.cls, key=state.key, step=state.step + 1, done=jnp.where(accept, adv, state.done),
             seen=seen, n_seen=state.n_seen + 1)
-        return new, SquareInfo(loss=new.loss, size=s, tries=tries)
+        return new, SquareInfo(loss=new.loss, size=s, tries=tries, p=p)
 
     return Attack(init=init, step=step, cost=1, output="scores", targeted=cfg.targeted)
 
 
 register(AttackSpec(
     name="square_linf", config=SquareLinfConfig, build=lambda cfg, ctx: square(cfg), family="score",
-    battery=dict(norm="linf", eps=BATTERY_EPS["linf"], budget=1_000, n_iters=1_000),
+    battery=dict(norm="linf", eps=BATTERY_EPS["linf"], budget=1_000),
     bad_configs=(dict(norm="l2"), dict(p_init=0.0), dict(p_init=1.5), dict(eps=-0.1), dict(n_iters=0),
                  dict(memory=0), dict(max_tries=0))))
 
 register(AttackSpec(
     name="square_l2", config=SquareL2Config, build=lambda cfg, ctx: square(cfg), family="score",
-    battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=1_000, n_iters=1_000),
+    battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=1_000),
     bad_configs=(dict(norm="linf"), dict(p_init=-0.1), dict(eps=float("inf")), dict(n_iters=1.5),
                  dict(memory=-1), dict(max_tries=0))))

@@ -1,0 +1,85 @@
+"""Regression tests for attack defects: each test states the behaviour the attack's reference has and
+fails on the defect it guards against.
+
+- Square: the p-schedule is stretched over the run's budget (``n_iters=None``), never jumps back to
+  its initial window, and an explicit ``n_iters`` still works.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import as_np, keys
+from rnd_jax.attacks import make_attack
+from rnd_jax.attacks.adaptive import eot
+from rnd_jax.attacks.score import square as sq
+from rnd_jax.oracle import Oracle
+
+
+def stepped(attack, scorer, n_steps: int, budget=None):
+    """A jitted program running ``n_steps`` steps of ``attack`` on a batch, recording every state and Info.
+
+    Each step gets a bound oracle numbered like the driver's (queries spent so far, ``budget`` as the
+    driver passes it), with no stop rule and no budget check: the tests read the whole trail.
+    Returns ``f(x, y, t, ka, kd) -> (states, infos, queries_before_each_step)``, leading axes
+    ``[image, step]``.
+    """
+    oracle = Oracle(scorer, attack.output)
+
+    def one(x, y, t, ka, kd):
+        def body(c, _):
+            s, q = c
+            bound = oracle.bind(kd, q, budget)
+            s2, info = attack.step(s, bound)
+            dynamic = getattr(info, "queries", None)
+            spent = attack.cost if dynamic is None else bound.used + jnp.asarray(dynamic, jnp.int32)
+            return (s2, q + spent), (s2, info, q)
+
+        _, trail = jax.lax.scan(body, (attack.init(ka, x, y, t), jnp.zeros((), jnp.int32)), None, length=n_steps)
+        return trail
+
+    return jax.jit(jax.vmap(one))
+
+
+def run_trail(attack, scorer, sel, n_images: int, n_steps: int, budget=None, targeted=False):
+    n = n_images
+    t = sel.targets[:n] if targeted else jnp.full((n,), -1, jnp.int32)
+    f = stepped(attack, scorer, n_steps, budget)
+    return as_np(f(sel.images[:n], sel.labels[:n], t, keys(0, n), keys(1, n)))
+
+
+# ----------------------------------------------------------------------------------------- Square
+
+@pytest.mark.parametrize("name, runs", [("square_linf", ((150, 1), (600, 2))), ("square_l2", ((200, 1),))])
+def test_square_p_schedule_follows_the_budget(name, runs, clean_scorer, attack_set):
+    """With the default ``n_iters=None`` the window fraction p over a run is non-increasing, starts at
+    ``p_init`` and reaches the schedule's smallest value ``p_init / 512`` in the last fifth of the budget:
+    for budgets 150 and 200, and 600 under EOT with 2 repeats (whose oracle budget is 300, the budget
+    divided by the repeats). Untargeted with a tiny eps, so the run cannot stop early."""
+    p_init = 0.05 if name == "square_linf" else 0.1
+    attack = make_attack(name, targeted=False, eps=1e-3, memory=64)
+    for budget, m in runs:
+        inner = budget // m
+        _, info, q = run_trail(eot(attack, m), clean_scorer, attack_set, 1, inner, budget)
+        p = info.p[0]
+        assert q[0, -1] == budget - m  # the run used the whole budget
+        assert np.all(np.diff(p) <= 0), (budget, m)  # never back to a larger window
+        assert p[0] == pytest.approx(p_init) and p[-1] == pytest.approx(p_init / 512), (budget, m)
+        first_smallest = int(np.argmax(p <= p_init / 512 * (1 + 1e-6)))
+        # the reference's last breakpoint: iteration 8000 of 10 000 (iteration = step - 1)
+        assert 0.8 * inner <= first_smallest < inner, (budget, m, first_smallest)
+
+
+def test_square_explicit_n_iters_still_works(clean_scorer, attack_set):
+    """``n_iters=100`` in a 300-query run: the schedule ends at iteration 100 and then stays at its
+    smallest window (the reference would return to ``p_init``)."""
+    attack = make_attack("square_linf", targeted=False, eps=1e-3, memory=64, n_iters=100)
+    _, info, _ = run_trail(attack, clean_scorer, attack_set, 1, 300, 300)
+    p = info.p[0]
+    assert np.all(np.diff(p) <= 0)
+    smallest = np.flatnonzero(p <= 0.05 / 512 * (1 + 1e-6))
+    assert 80 <= smallest[0] <= 82 and smallest[-1] == 299 and len(smallest) == 300 - smallest[0]
+    # an oracle bound outside the driver (no budget): iteration = step - 1 of the documented 10 000
+    assert sq.schedule_position(Oracle(clean_scorer).bind(jax.random.key(0), 0), 12, None)[1] == sq.DEFAULT_N_ITERS
+    np.testing.assert_allclose([float(sq.p_schedule(0.05, it, sq.DEFAULT_N_ITERS)) for it in (10, 11)], [0.05, 0.025])
