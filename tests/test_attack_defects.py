@@ -3,6 +3,8 @@ fails on the defect it guards against.
 
 - Square: the p-schedule is stretched over the run's budget (``n_iters=None``), never jumps back to
   its initial window, and an explicit ``n_iters`` still works.
+- NES label-only: each step's step-size search starts at ``lr_max`` and the radius decay recovers
+  after a successful shrink, so the distance keeps decreasing late in a run.
 """
 
 import jax
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
-from rnd_jax.attacks import make_attack
+from rnd_jax import data
+from rnd_jax.attacks import Context, make_attack
 from rnd_jax.attacks.adaptive import eot
+from rnd_jax.attacks.decision.nes_label_only import NESLabelOnlyConfig
 from rnd_jax.attacks.score import square as sq
 from rnd_jax.oracle import Oracle
 
@@ -83,3 +87,41 @@ def test_square_explicit_n_iters_still_works(clean_scorer, attack_set):
     # an oracle bound outside the driver (no budget): iteration = step - 1 of the documented 10 000
     assert sq.schedule_position(Oracle(clean_scorer).bind(jax.random.key(0), 0), 12, None)[1] == sq.DEFAULT_N_ITERS
     np.testing.assert_allclose([float(sq.p_schedule(0.05, it, sq.DEFAULT_N_ITERS)) for it in (10, 11)], [0.05, 0.025])
+
+
+# ------------------------------------------------------------------------------- NES label-only
+
+@pytest.fixture(scope="module")
+def context():
+    x, y = data.load("digits", "train")
+    return Context(train_images=x, train_labels=y, num_classes=10)
+
+
+def test_nes_label_only_step_size_and_decay_recover(clean_scorer, attack_set, context):
+    """Over ~4 000 queries on the undefended model (l_2, untargeted, run to the budget): every step's
+    search starts at ``lr_max`` (a step accepted at its first proposal used ``lr_max``, also after steps
+    that had backtracked to a smaller lr), the decay is restored after successful shrinks and never falls
+    below ``decay_min`` (below it the ball would stop shrinking for good), and the distance still
+    decreases over the second half of the run for every image."""
+    attack = make_attack("nes_label_only", context, norm="l2", targeted=False)
+    cfg = NESLabelOnlyConfig(norm="l2", targeted=False)
+    n, steps = 4, 70
+    states, info, q = run_trail(attack, clean_scorer, attack_set, n, steps)
+    assert (q[:, -1] > 3_000).all()
+    walk = states.found & np.concatenate([np.zeros((n, 1), bool), states.found[:, :-1]], axis=1)  # iterations
+    assert (states.decay[walk] >= cfg.decay_min).all()
+    acc = info.accepted & walk
+    first = acc & (info.tries == 1)
+    assert first.any() and np.allclose(states.lr[first], cfg.lr_max)
+    # after a step that accepted a backtracked lr, a later step accepts lr_max again
+    recovered = 0
+    for i in range(n):
+        lrs = states.lr[i][acc[i]]
+        small = np.flatnonzero(lrs < cfg.lr_max * (1 - 1e-6))
+        recovered += int(len(small) > 0 and np.any(np.isclose(lrs[small[0]:], cfg.lr_max)))
+    assert recovered >= n // 2, recovered
+    # the decay goes back up after a shrink (restored to >= decay_restore)
+    dec = np.where(walk, states.decay, np.nan)
+    assert (np.nan_to_num(np.diff(dec, axis=1)) > 0).any()
+    half = np.array([states.dist[i][q[i] <= q[i, -1] // 2][-1] for i in range(n)])
+    assert (states.dist[:, -1] < half).all(), (half, states.dist[:, -1])

@@ -14,9 +14,18 @@ Gaussian directions, ``g = 1/(J s) sum_j S(x + s u_j) u_j`` (``J n`` queries in 
 partial-information attack, the search starts at an adversarial image and shrinks the radius
 ``e_t`` of the ball around ``x0``: each step proposes ``x' = Proj_{e_t - d}(x + lr v)`` (ascent on
 ``S``; ``v = sign(g)`` for l_inf, the paper's threat model, or ``v = sqrt(D) g/||g||_2`` for l_2, the
-variant Aithal & Li (2022) evaluate) and accepts it if adversarial (one query). A rejected proposal
-halves ``lr``; once ``lr`` falls below ``lr_min`` it is reset to ``lr_max`` and the decay ``d`` is
-halved (Alg. 2's back-off), at most ``max_tries`` proposals per step. A ``d`` below ``decay_min`` proposes without shrinking.
+variant Aithal & Li (2022) evaluate) and accepts it if adversarial (one query).
+
+Step-size and decay search (the reference implementation's line search, Alg. 2's back-off). Every
+step starts at ``lr = lr_max`` and the current decay ``d = delta``. A rejected proposal halves
+``lr``; once ``lr`` would fall below ``lr_min`` the search halves ``d`` and starts again at
+``lr = lr_max``; a ``d`` below ``decay_min`` becomes 0 (propose without shrinking), and a rejection
+at ``d = 0`` and ``lr_min`` ends the search. An accepted proposal that shrank the ball restores the
+decay, ``delta <- max(d, decay_restore)`` (the reference's ``delta_eps = max(prop_de,
+min_delta_eps)``); one accepted at ``d = 0`` leaves ``delta`` as it was. So neither the step size
+nor the decay stays small after a run of rejections. A step asks at most ``max_tries`` proposals;
+a search cut by that cap continues at the next step from the decay it had reached (with
+``lr = lr_max`` again), since the reference searches until it succeeds.
 
 Start: a training image of the target class (targeted; the paper's start) or of another class /
 uniform noise (untargeted), then 10 halvings towards ``x0`` along the norm's path (the shared
@@ -28,6 +37,12 @@ Defaults, scaled to 64-pixel digits: ``J = 10`` directions and ``n = 5`` samples
 as a step moves ``x`` a little inside the adversarial region: all proxy scores are 1 and the
 antithetic estimate is exactly 0); ``lr_max = 0.02`` and decay ``d = 0.01`` per step, in pixel
 units: for l_2 both are multiplied by ``sqrt(D)`` (the l_2 size of a per-pixel step of that size).
+The reference's decay starts at 0.5 with restore floor 0.1 and zero threshold 2e-3 (fractions of
+the image range 1 for ImageNet); here the decay starts at 0.01, is restored to at least
+``decay_restore = 0.002`` (the reference's ratio 1/5) and becomes 0 below ``decay_min = 1e-4``.
+Not reproduced: the reference's plateau annealing of ``lr_max`` (driven by its proxy loss) and its
+``conservative`` factor (its recorded radius shrinks by ``d / conservative`` while the proposal is
+projected with ``d``); here the radius is the one the accepted proposal was projected onto.
 On 8x8 digits the l_inf variant stalls near radius 0.3-0.45 (the proposals of a 64-dimensional
 sign step from a 10-20 direction estimate are rarely still adversarial once the ball shrinks), so
 the registry's battery runs the l_2 variant. One step costs at most ``J n + max_tries`` queries.
@@ -60,8 +75,9 @@ class NESLabelOnlyConfig:
     sigma: float = 0.05  # NES search radius s
     lr_max: float = 0.02
     lr_min: float = 1e-3
-    decay: float = 0.01  # initial radius decay per step
-    decay_min: float = 1e-4
+    decay: float = 0.01  # initial radius decay per step (delta)
+    decay_min: float = 1e-4  # a decay below this becomes 0 (no shrink)
+    decay_restore: float = 0.002  # after a shrink delta = max(d, decay_restore) (reference min_delta_eps)
     max_tries: int = 8  # proposals per step
     start_candidates: int = 10
     start_steps: int = 5
@@ -72,10 +88,12 @@ class NESLabelOnlyConfig:
             raise ValueError(f"samples J must be an even int >= 2 (antithetic pairs), got {self.samples!r}")
         C.check_int("mc", self.mc)
         C.check_int("max_tries", self.max_tries)
-        for name in ("mu", "sigma", "lr_max", "lr_min", "decay", "decay_min"):
+        for name in ("mu", "sigma", "lr_max", "lr_min", "decay", "decay_min", "decay_restore"):
             C.check_real(name, getattr(self, name), upper=1.0)
         if self.lr_min > self.lr_max:
             raise ValueError(f"lr_min ({self.lr_min}) must be <= lr_max ({self.lr_max})")
+        if self.decay_min > self.decay_restore:
+            raise ValueError(f"decay_min ({self.decay_min}) must be <= decay_restore ({self.decay_restore})")
 
 
 class NESLabelOnlyState(NamedTuple):
@@ -91,14 +109,16 @@ class NESLabelOnlyState(NamedTuple):
     dist: jax.Array  # distance of x
     xc: jax.Array  # current iterate (adversarial, inside the ball of radius e_t)
     radius: jax.Array  # e_t
-    lr: jax.Array
-    decay: jax.Array
+    lr: jax.Array  # step size of the last accepted proposal (each step's search starts at lr_max)
+    decay: jax.Array  # delta: the decay the next step's search starts with
 
 
 class NESLabelOnlyInfo(NamedTuple):
     loss: jax.Array
     queries: jax.Array
     proxy: jax.Array  # mean proxy score of this step's NES points
+    tries: jax.Array  # i32: proposals asked this step
+    accepted: jax.Array  # bool: a proposal was accepted this step
 
 
 def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
@@ -124,7 +144,7 @@ def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -
         x0, cls = state.x0, state.cls
 
         def search(c):
-            st, off, _ = c
+            st, off, *_ = c
             s, off = C.start_step(oracle, off, k_start, x0, cls, st.tries, cfg, pool)
             xb, off = C.run_if(s.found, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], norm, 2.0 ** -START_HALVINGS,
                                                                START_HALVINGS, cls, targeted), (s.x, off))
@@ -132,10 +152,10 @@ def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -
             st = st._replace(found=s.found, failed=s.failed, tries=s.tries, x=jnp.where(s.found, xb, st.x),
                              dist=jnp.where(s.found, d, st.dist), xc=jnp.where(s.found, xb, st.xc),
                              radius=jnp.where(s.found, d, st.radius))
-            return st, off, jnp.zeros(())
+            return st, off, jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros((), bool)
 
         def iterate(c):
-            st, off, _ = c
+            st, off, *_ = c
             x = st.xc
             half = jax.random.normal(k_u, (J // 2,) + x.shape)
             u = jnp.concatenate([half, -half])
@@ -148,32 +168,42 @@ def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -
             scale = 1.0 if norm == "linf" else math.sqrt(math.prod(x.shape))
 
             def cond(cc):
-                i, ok, *_ = cc
-                return (i < cfg.max_tries) & ~ok
+                i, ok, stop, *_ = cc
+                return (i < cfg.max_tries) & ~ok & ~stop
 
             def body(cc):
-                i, _, lr, dec, x_acc, r_acc, off = cc
-                r_new = jnp.where(dec >= cfg.decay_min, jnp.maximum(st.radius - scale * dec, 0.0), st.radius)
+                i, _, _, lr, dec, x_acc, r_acc, off = cc
+                r_new = jnp.where(dec > 0, jnp.maximum(st.radius - scale * dec, 0.0), st.radius)
                 prop = project(x + scale * lr * direction, x0, r_new)
                 a, off = C.ask(oracle, off, prop[None], cls, targeted)
                 ok = a[0]
-                lr_next = jnp.where(ok, lr, 0.5 * lr)
-                reset = lr_next < cfg.lr_min
-                return (i + 1, ok, jnp.where(reset, cfg.lr_max, lr_next), jnp.where(reset, 0.5 * dec, dec),
-                        jnp.where(ok, prop, x_acc), jnp.where(ok, r_new, r_acc), off)
+                halve_lr = ~ok & (lr >= 2.0 * cfg.lr_min)
+                next_row = ~ok & ~halve_lr  # lr exhausted at this decay: halve the decay, restart lr
+                stop = next_row & (dec == 0)
+                half = 0.5 * dec
+                dec_next = jnp.where(next_row & ~stop, jnp.where(half < cfg.decay_min, 0.0, half), dec)
+                lr_next = jnp.where(halve_lr, 0.5 * lr, jnp.where(next_row, cfg.lr_max, lr))
+                return (i + 1, ok, stop, jnp.where(ok, lr, lr_next), dec_next, jnp.where(ok, prop, x_acc),
+                        jnp.where(ok, r_new, r_acc), off)
 
-            _, ok, lr, dec, x_new, r_new, off = jax.lax.while_loop(
-                cond, body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), st.lr, st.decay, x, st.radius, off))
+            lr0 = jnp.asarray(cfg.lr_max, jnp.float32)
+            f = jnp.zeros((), bool)
+            tries, ok, _, lr, dec, x_new, r_new, off = jax.lax.while_loop(
+                cond, body, (jnp.zeros((), jnp.int32), f, f, lr0, st.decay, x, st.radius, off))
+            # accepted with a shrink: restore the decay; accepted without one: keep it; cut by the cap:
+            # continue next step from the decay reached (unless that is 0); search exhausted: start over
+            decay = jnp.where(ok, jnp.where(dec > 0, jnp.maximum(dec, cfg.decay_restore), st.decay),
+                              jnp.where(dec > 0, dec, st.decay))
             best, dist = C.keep_best(st.x, st.dist, x_new, C.distance(x_new, x0, norm), ok)
             st = st._replace(x=best, dist=dist, xc=jnp.where(ok, x_new, x), radius=jnp.where(ok, r_new, st.radius),
-                             lr=lr, decay=dec)
-            return st, off, proxy.mean()
+                             lr=jnp.where(ok, lr, st.lr), decay=decay)
+            return st, off, proxy.mean(), tries, ok
 
-        zero = jnp.zeros((), jnp.int32)
-        st, off, _ = C.run_if(~state.found, search, (state, zero, jnp.zeros(())))
-        st, off, proxy = C.run_if(state.found, iterate, (st, off, jnp.zeros(())))
+        zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+        st, off, *_ = C.run_if(~state.found, search, (state, zero, jnp.zeros(()), zero, no))
+        st, off, proxy, tries, accepted = C.run_if(state.found, iterate, (st, off, jnp.zeros(()), zero, no))
         st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
-        return st, NESLabelOnlyInfo(loss=st.dist, queries=off, proxy=proxy)
+        return st, NESLabelOnlyInfo(loss=st.dist, queries=off, proxy=proxy, tries=tries, accepted=accepted)
 
     cost = max(cfg.start_candidates + START_HALVINGS, J * n + cfg.max_tries)
     return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
@@ -184,4 +214,5 @@ register(AttackSpec(
     family="decision", needs=("train_images", "train_labels"),
     battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=5_000),
     bad_configs=(dict(norm="l1"), dict(eps=0.0), dict(samples=3), dict(mc=0), dict(mu=0.0), dict(sigma=-1.0),
-                 dict(lr_min=0.5), dict(max_tries=0), dict(decay=2.0))))
+                 dict(lr_min=0.5), dict(max_tries=0), dict(decay=2.0), dict(decay_restore=0.0),
+                 dict(decay_min=0.01, decay_restore=0.001))))
