@@ -5,6 +5,7 @@ fails on the defect it guards against.
   its initial window, and an explicit ``n_iters`` still works.
 - NES label-only: each step's step-size search starts at ``lr_max`` and the radius decay recovers
   after a successful shrink, so the distance keeps decreasing late in a run.
+- OPT: the distance keeps decreasing after the first shrink of ``beta``.
 """
 
 import jax
@@ -125,3 +126,25 @@ def test_nes_label_only_step_size_and_decay_recover(clean_scorer, attack_set, co
     assert (np.nan_to_num(np.diff(dec, axis=1)) > 0).any()
     half = np.array([states.dist[i][q[i] <= q[i, -1] // 2][-1] for i in range(n)])
     assert (states.dist[:, -1] < half).all(), (half, states.dist[:, -1])
+
+
+# ------------------------------------------------------------------------------------------- OPT
+
+def test_opt_keeps_improving_after_beta_shrinks(clean_scorer, attack_set, context):
+    """On the undefended model OPT's distance keeps decreasing after its first ``beta`` shrink: the
+    searches resolve ``g`` far below ``beta * g``, so the finite differences stay informative (with
+    ``beta`` and the tolerance both floored at 1e-3 the distance stayed exactly constant from there)."""
+    attack = make_attack("opt", context, targeted=False)
+    n, steps = 3, 52  # about 5 000 queries; the first shrink comes after 2 300-3 100
+    states, info, q = run_trail(attack, clean_scorer, attack_set, n, steps)
+    shrunk = states.beta < states.beta[:, :1]
+    tested = 0
+    for i in range(n):
+        if not shrunk[i].any():
+            continue
+        r = int(np.argmax(shrunk[i]))
+        if steps - r < 5:
+            continue
+        tested += 1
+        assert states.dist[i, -1] < states.dist[i, r], (i, r, q[i, r], states.dist[i, r], states.dist[i, -1])
+    assert tested >= 2, shrunk.any(1)

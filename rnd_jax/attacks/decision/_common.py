@@ -445,7 +445,7 @@ def start_ray(oracle, offset, key, st, cfg, pool, tol):
     return s, theta, g, offset
 
 
-def ray_attack(cfg, pool, estimate, estimate_cost: int):
+def ray_attack(cfg, pool, estimate, estimate_cost: int, tolerance=None):
     """The OPT family's attack around a direction estimate (OPT: finite differences; Sign-OPT: signs).
 
     A step either searches a start (``start_ray``) or iterates: ``estimate(oracle, offset, key, x0,
@@ -453,11 +453,15 @@ def ray_attack(cfg, pool, estimate, estimate_cost: int):
     ``estimate_cost`` queries, then ``opt_line_search`` along ``-direction`` (``ls_queries``
     allowance); the best probe (``g_probe < inf``) replaces the line-search result when it is
     better, and ``alpha < 1e-4`` resets ``alpha`` to 1 and shrinks ``beta`` tenfold (floored at
-    ``min_beta``). ``cfg`` needs ``targeted, eps, alpha, beta, min_tol, min_beta, start_tol,
-    start_candidates, start_steps, max_trials, max_scale, max_bisect, ls_queries``.
+    ``min_beta``). ``tolerance(beta, g)`` is the width of the step's local searches (default: the
+    reference's ``beta / 500``, floored at ``cfg.min_tol``). ``cfg`` needs ``targeted, eps, alpha,
+    beta, min_tol, min_beta, start_tol, start_candidates, start_steps, max_trials, max_scale,
+    max_bisect, ls_queries``.
     """
     targeted = cfg.targeted
     n_start = halvings(cfg.start_tol / 8.0) + 3
+    if tolerance is None:
+        tolerance = lambda beta, g: jnp.maximum(beta / 500.0, cfg.min_tol)
 
     def init(key, x0, label, target):
         x0 = jnp.asarray(x0, jnp.float32)
@@ -483,7 +487,7 @@ def ray_attack(cfg, pool, estimate, estimate_cost: int):
         def iterate(c):
             st, off = c
             theta, g, beta = st.theta, st.g, st.beta
-            tol = jnp.maximum(beta / 500.0, cfg.min_tol)
+            tol = tolerance(beta, g)
             direction, off, g_probe, th_probe = estimate(oracle, off, k_u, x0, theta, g, beta, tol, cls)
             ls = opt_line_search(oracle, off, x0, theta, g, direction, st.alpha, tol, cls, targeted, cfg.max_trials,
                                  cfg.max_scale, cfg.max_bisect, off + cfg.ls_queries)

@@ -20,7 +20,8 @@ rejected with that one query (it cannot improve ``g``). The tolerance is floored
 and ``beta`` at ``min_beta = 1e-4`` (the reference goes on shrinking ``beta`` to ``1e-8`` and then
 stops): the model's float32 probabilities differ by about one ulp between batches of 1 and of 4+
 points, so answers at points that close to the boundary would depend on how many images share the
-batch (OPT, with ten times more local searches per step, floors its tolerance at 1e-3).
+batch. (OPT, whose finite differences need ``g`` resolved far below ``beta * g``, sets its own
+tolerance relative to ``beta * g``; see :mod:`rnd_jax.attacks.decision.opt`.)
 
 Ray points are clipped to [0, 1], so the reported distance ``||clip(x0 + g theta) - x0||_2`` is at
 most ``g``. Start: a training image of another class (untargeted) or of the target class
