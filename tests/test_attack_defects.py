@@ -6,6 +6,7 @@ fails on the defect it guards against.
 - NES label-only: each step's step-size search starts at ``lr_max`` and the radius decay recovers
   after a successful shrink, so the distance keeps decreasing late in a run.
 - OPT: the distance keeps decreasing after the first shrink of ``beta``.
+- HSJA: the registered name ``hsja_linf`` decides the norm.
 """
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import as_np, keys
 from rnd_jax import data
-from rnd_jax.attacks import Context, make_attack
+from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.attacks.adaptive import eot
 from rnd_jax.attacks.decision.nes_label_only import NESLabelOnlyConfig
 from rnd_jax.attacks.score import square as sq
@@ -148,3 +149,20 @@ def test_opt_keeps_improving_after_beta_shrinks(clean_scorer, attack_set, contex
         tested += 1
         assert states.dist[i, -1] < states.dist[i, r], (i, r, q[i, r], states.dist[i, r], states.dist[i, -1])
     assert tested >= 2, shrunk.any(1)
+
+
+# ------------------------------------------------------------------------------------------ HSJA
+
+def test_hsja_linf_is_the_linf_attack_by_default(clean_scorer, attack_set, context):
+    """``make_attack("hsja_linf")`` without ``norm`` builds the l_inf attack (its distances are l_inf
+    distances); ``norm="linf"`` is accepted and any other norm raises."""
+    assert ATTACKS["hsja_linf"].config().norm == "linf" and ATTACKS["hsja"].config().norm == "l2"
+    assert make_attack("hsja_linf", context, norm="linf").cost == make_attack("hsja_linf", context).cost
+    with pytest.raises(ValueError, match="hsja_linf"):
+        make_attack("hsja_linf", context, norm="l2")
+    attack = make_attack("hsja_linf", context, targeted=False)
+    states, _, _ = run_trail(attack, clean_scorer, attack_set, 2, 3)
+    delta = (states.x[:, -1] - attack_set.images[:2]).reshape(2, -1)
+    assert states.found[:, -1].all()
+    np.testing.assert_allclose(states.dist[:, -1], np.abs(delta).max(1), rtol=1e-6)
+    assert (np.linalg.norm(delta, axis=1) > 1.5 * states.dist[:, -1]).all()  # not the l_2 distance

@@ -1,7 +1,9 @@
 """HopSkipJumpAttack (HSJA): boundary search + sign-based gradient estimate + geometric step.
 
 Chen, Jordan & Wainwright, "HopSkipJumpAttack: A Query-Efficient Decision-Based Attack",
-IEEE S&P 2020 (arXiv:1904.02144), Algorithm 2, for the l_2 and l_inf threat models.
+IEEE S&P 2020 (arXiv:1904.02144), Algorithm 2, for the l_2 and l_inf threat models: registered as
+``hsja`` (:class:`HSJAConfig`, ``norm="l2"`` by default, ``"linf"`` selectable) and ``hsja_linf``
+(:class:`HSJALinfConfig`, always l_inf).
 
 One iteration ``t = 1, 2, ...`` at the boundary point ``x_t`` (distance ``d_t`` to ``x0``):
 
@@ -200,6 +202,23 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class HSJALinfConfig(HSJAConfig):
+    """The l_inf HopSkipJumpAttack (registered as ``hsja_linf``): ``norm`` is ``"linf"``.
+
+    ``make_attack("hsja_linf")`` builds the l_inf attack without a ``norm`` argument; passing
+    ``norm="linf"`` is accepted, any other norm raises (the l_2 attack is ``hsja``).
+    """
+
+    norm: str = "linf"
+
+    def __post_init__(self):
+        if self.norm != "linf":
+            raise ValueError(f"hsja_linf is the l_inf HopSkipJumpAttack; got norm {self.norm!r} "
+                             "(the l_2 attack is registered as 'hsja')")
+        super().__post_init__()
+
+
 _BAD = (dict(norm="l1"), dict(eps=0.0), dict(eps=float("nan")), dict(init_evals=0), dict(max_evals=10),
         dict(chunk=0), dict(gamma=-1.0), dict(delta_first=0.0), dict(max_halvings=-1), dict(start_candidates=0),
         dict(start_steps=0), dict(max_bisect=0))
@@ -208,6 +227,6 @@ _NEEDS = ("train_images", "train_labels")
 register(AttackSpec(name="hsja", config=HSJAConfig, build=lambda cfg, ctx: hsja(cfg, C.make_pool(ctx)),
                     family="decision", needs=_NEEDS, bad_configs=_BAD,
                     battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=2_000)))
-register(AttackSpec(name="hsja_linf", config=HSJAConfig, build=lambda cfg, ctx: hsja(cfg, C.make_pool(ctx)),
-                    family="decision", needs=_NEEDS, bad_configs=_BAD,
+register(AttackSpec(name="hsja_linf", config=HSJALinfConfig, build=lambda cfg, ctx: hsja(cfg, C.make_pool(ctx)),
+                    family="decision", needs=_NEEDS, bad_configs=_BAD + (dict(norm="l2"),),
                     battery=dict(norm="linf", eps=BATTERY_EPS["linf"], budget=2_000)))
