@@ -7,6 +7,7 @@ fails on the defect it guards against.
   after a successful shrink, so the distance keeps decreasing late in a run.
 - OPT: the distance keeps decreasing after the first shrink of ``beta``.
 - HSJA: the registered name ``hsja_linf`` decides the norm.
+- NES-PI: the line search's declared worst case covers an eps decrement below the floor.
 """
 
 import jax
@@ -20,7 +21,8 @@ from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.attacks.adaptive import eot
 from rnd_jax.attacks.decision.nes_label_only import NESLabelOnlyConfig
 from rnd_jax.attacks.score import square as sq
-from rnd_jax.oracle import Oracle
+from rnd_jax.attacks.score.nes_pi import NESPIConfig, nes_pi
+from rnd_jax.oracle import Oracle, Top1
 
 
 def stepped(attack, scorer, n_steps: int, budget=None):
@@ -166,3 +168,48 @@ def test_hsja_linf_is_the_linf_attack_by_default(clean_scorer, attack_set, conte
     assert states.found[:, -1].all()
     np.testing.assert_allclose(states.dist[:, -1], np.abs(delta).max(1), rtol=1e-6)
     assert (np.linalg.norm(delta, axis=1) > 1.5 * states.dist[:, -1]).all()  # not the l_2 distance
+
+
+# ---------------------------------------------------------------------------------------- NES-PI
+
+class LineSearchStub:
+    """A top-1 oracle for one NES-PI step. The plain call (success check + J samples) shows another
+    class at the returned point and the target with score 0.99 at every sample (so the loss is below
+    ``adv_thresh`` and the line search proposes an eps decrement); a line-search point (asked through
+    ``at``) shows the target only from the search's ``accept_from``-th point on."""
+
+    output = "top1"
+
+    def __init__(self, cls: int, samples: int, accept_from: int):
+        self.cls, self.samples, self.accept_from = cls, samples, accept_from
+
+    def __call__(self, x):
+        n = x.shape[0]
+        label = jnp.full((n,), self.cls, jnp.int32).at[0].set((self.cls + 1) % 10)
+        return Top1(label, jnp.full((n,), 0.99, jnp.float32))
+
+    def at(self, offset, x):
+        asked = offset - 1 - self.samples
+        label = jnp.where(asked >= self.accept_from, self.cls, (self.cls + 1) % 10).astype(jnp.int32)
+        return Top1(jnp.full((x.shape[0],), label), jnp.full((x.shape[0],), 0.99, jnp.float32))
+
+
+def test_nes_pi_line_search_bound_covers_a_decrement_below_the_floor(attack_set, context):
+    """With ``delta_eps`` below the 2e-3 floor the line search tries that decrement and then 0 (two rows
+    of step sizes): the declared worst case counts both rows, so a step whose only working candidate is
+    in the d = 0 row finds it (the bound used to count one row and cut the search before it)."""
+    cfg = NESPIConfig(samples=2, start_delta_eps=1e-3, min_delta_eps=1e-3)
+    attack = nes_pi(cfg, context.train_images, context.train_labels)
+    lrs, rows = cfg.line_search_bound()
+    assert (lrs, rows) == (4, 2) and attack.cost == 1 + 2 + lrs * rows
+    x, y, t = attack_set.images[0], attack_set.labels[0], int(attack_set.targets[0])
+    s0 = attack.init(jax.random.key(0), x, y, t)
+    # the first point of the d = 0 row is the only one that works
+    s1, info = attack.step(s0, LineSearchStub(t, 2, accept_from=lrs))
+    assert int(info.queries) == lrs + 1
+    assert not np.array_equal(np.asarray(s1.adv), np.asarray(s0.adv))  # it moved
+    assert float(s1.eps_t) == float(s0.eps_t)  # with decrement 0
+    # nothing works: the search asks exactly its declared worst case
+    s1, info = attack.step(s0, LineSearchStub(t, 2, accept_from=10 ** 6))
+    assert int(info.queries) == attack.cost - 1 - 2
+    np.testing.assert_array_equal(np.asarray(s1.adv), np.asarray(s0.adv))

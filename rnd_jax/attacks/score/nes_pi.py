@@ -121,11 +121,35 @@ class NESPIConfig:
         return self.lr_max / self.min_lr_ratio
 
     def line_search_bound(self) -> tuple[int, int]:
-        """(step sizes per eps decrement, eps decrements incl. 0): worst-case line-search shape."""
-        lrs = int(math.floor(math.log2(self.min_lr_ratio / 2.0))) + 2 if self.min_lr_ratio >= 2 else 1
-        top = max(self.start_delta_eps, self.min_delta_eps)
-        rows = (int(math.floor(math.log2(top / DELTA_FLOOR))) + 2) if top >= DELTA_FLOOR else 1
-        return lrs, rows
+        """(step sizes per eps decrement, eps decrements incl. 0): worst-case line-search shape.
+
+        Counted by running the search's own float32 recursions (:func:`line_search_rows`), so the
+        bound is exact at every boundary case: a row per step size ``max_lr, max_lr/2, ...`` while
+        ``lr >= 2 min_lr``, and a row per decrement from the largest ``delta_eps`` the state can
+        hold, ``max(start_delta_eps, min_delta_eps)``, halved until below :data:`DELTA_FLOOR` and
+        then 0. The largest decrement is tried even when it is already below the floor (only the
+        halved ones are floored), so the search then has two rows, that decrement and 0.
+        """
+        return line_search_lrs(self.lr_max, self.lr_min), line_search_rows(max(self.start_delta_eps,
+                                                                               self.min_delta_eps))
+
+
+def line_search_lrs(max_lr: float, min_lr: float) -> int:
+    """Step sizes the line search tries per decrement, starting at ``max_lr`` (float32, as traced)."""
+    lr, lo, n = np.float32(max_lr), np.float32(min_lr), 1
+    while lr >= np.float32(2) * lo:
+        lr, n = lr / np.float32(2), n + 1
+    return n
+
+
+def line_search_rows(delta_eps: float) -> int:
+    """Decrements the line search tries from ``delta_eps``: itself, its halvings >= DELTA_FLOOR, then 0."""
+    de, n = np.float32(delta_eps), 1
+    while de != 0:
+        half = de / np.float32(2)
+        de = np.float32(0) if half < np.float32(DELTA_FLOOR) else half
+        n += 1
+    return n
 
 
 class NESPIState(NamedTuple):
