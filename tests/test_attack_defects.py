@@ -8,6 +8,7 @@ fails on the defect it guards against.
 - OPT: the distance keeps decreasing after the first shrink of ``beta``.
 - HSJA: the registered name ``hsja_linf`` decides the norm.
 - NES-PI: the line search's declared worst case covers an eps decrement below the floor.
+- Boundary: spherical candidates are asked only every 10th step of the walk.
 """
 
 import jax
@@ -19,6 +20,7 @@ from conftest import as_np, keys
 from rnd_jax import data
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.attacks.adaptive import eot
+from rnd_jax.attacks.decision.boundary import BoundaryConfig
 from rnd_jax.attacks.decision.nes_label_only import NESLabelOnlyConfig
 from rnd_jax.attacks.score import square as sq
 from rnd_jax.attacks.score.nes_pi import NESPIConfig, nes_pi
@@ -213,3 +215,24 @@ def test_nes_pi_line_search_bound_covers_a_decrement_below_the_floor(attack_set,
     s1, info = attack.step(s0, LineSearchStub(t, 2, accept_from=10 ** 6))
     assert int(info.queries) == attack.cost - 1 - 2
     np.testing.assert_array_equal(np.asarray(s1.adv), np.asarray(s0.adv))
+
+
+# -------------------------------------------------------------------------------------- Boundary
+
+def test_boundary_asks_spherical_candidates_every_tenth_step(clean_scorer, attack_set, context):
+    """After the start, a step asks its ``proposals`` candidates, and every 10th step of the walk also
+    their spherical candidates (the reference's schedule): 55 P queries for 50 steps of P candidates,
+    instead of 100 P. The step sizes change only on those steps, from their statistics."""
+    attack = make_attack("boundary", context, targeted=False)
+    P = BoundaryConfig().proposals
+    n, steps = 2, 51
+    states, info, q = run_trail(attack, clean_scorer, attack_set, n, steps)
+    for i in range(n):
+        walk = states.walk[i]
+        assert walk[0] == 0 and (walk[1:] == np.arange(1, steps)).all()  # step 0 found the start
+        sph = info.spherical[i][1:]
+        np.testing.assert_array_equal(sph, np.arange(1, steps) % 10 == 0)
+        np.testing.assert_array_equal(info.queries[i][1:], np.where(sph, 2 * P, P))
+        assert info.queries[i][1:].sum() == 55 * P
+        changed = np.diff(states.delta[i]) != 0
+        assert changed.any() and not changed[~sph].any()
