@@ -9,6 +9,7 @@ fails on the defect it guards against.
 - HSJA: the registered name ``hsja_linf`` decides the norm.
 - NES-PI: the line search's declared worst case covers an eps decrement below the floor.
 - Boundary: spherical candidates are asked only every 10th step of the walk.
+- SignHunter, Bandits-TD, P-RGF: the untargeted default loss is the references' cross-entropy.
 """
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
-from rnd_jax import data
+from rnd_jax import data, losses
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.attacks.adaptive import eot
 from rnd_jax.attacks.decision.boundary import BoundaryConfig
@@ -236,3 +237,25 @@ def test_boundary_asks_spherical_candidates_every_tenth_step(clean_scorer, attac
         assert info.queries[i][1:].sum() == 55 * P
         changed = np.diff(states.delta[i]) != 0
         assert changed.any() and not changed[~sph].any()
+
+
+# ------------------------------------------------------------------------- untargeted default losses
+
+@pytest.mark.parametrize("name", ["signhunter", "bandits_td", "prgf"])
+def test_untargeted_default_loss_is_the_cross_entropy(name, clean_scorer, attack_set):
+    """SignHunter, Bandits-TD and P-RGF attack the untargeted cross-entropy ``log F_y`` by default, as
+    their reference implementations do (the margin stays selectable): the loss a first step reports is
+    the cross-entropy of the clean model's answer at the point it judged, not the margin. (P-RGF's
+    surrogate here is the model itself: only the loss matters.)"""
+    spec = ATTACKS[name]
+    cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
+    assert spec.config(**cfg, targeted=False).loss_name == "xent"
+    assert spec.config(**cfg, targeted=False, loss="margin").loss_name == "margin"
+    attack = make_attack(name, Context(surrogate=clean_scorer), targeted=False, **cfg)
+    x, y = attack_set.images[:1], attack_set.labels[:1]
+    s0 = attack.init(jax.random.key(0), x[0], y[0], -1)
+    s1, info = attack.step(s0, Oracle(clean_scorer).bind(jax.random.key(1), 0))
+    judged = s1.x if name == "signhunter" else s0.x  # SignHunter: its first vertex; the others: x itself
+    probs = clean_scorer(jnp.asarray(judged)[None], None)
+    np.testing.assert_allclose(float(info.loss), float(losses.untargeted_xent(probs, y)[0]), rtol=1e-5, atol=1e-7)
+    assert abs(float(info.loss) - float(losses.margin(probs, y)[0])) > 1e-3

@@ -75,7 +75,7 @@ def test_signhunter_chunks_of_each_level():
 
 def test_signhunter_flips_one_block_per_step_and_finds_the_linear_optimum():
     eps = 0.1
-    attack = sh_mod.signhunter(sh_mod.SignHunterConfig(eps=eps, targeted=False))
+    attack = sh_mod.signhunter(sh_mod.SignHunterConfig(eps=eps, targeted=False, loss="margin"))  # linear here
     assert attack.cost == 1
     x0 = jnp.full(SHAPE, 0.5, jnp.float32)
     final, q, (states, infos) = run_steps(attack, linear_scorer(), toy_state(attack, x0), 8)
@@ -120,7 +120,7 @@ def test_signhunter_success_check_is_the_counted_candidate_query(clean_scorer, a
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_bandits_prior_update_matches_the_finite_difference_closed_form(norm):
     cfg = bandits_mod.BanditsConfig(eps=0.3 if norm == "linf" else 1.0, norm=norm, targeted=False, tile=1,
-                                    fd_eta=0.05)  # a probe long enough for float32 differences of the toy loss
+                                    fd_eta=0.05, loss="margin")  # a probe long enough for float32 differences
     attack = bandits_mod.bandits(cfg)
     s0 = toy_state(attack)
     s1, info = fast(lambda s: attack.step(s, Oracle(linear_scorer()).bind(jax.random.key(1), 0)), s0)
@@ -147,7 +147,8 @@ def test_bandits_eg_step_is_the_exponentiated_gradient_update():
 
 
 def test_bandits_time_prior_learns_the_gradient_direction():
-    attack = bandits_mod.bandits(bandits_mod.BanditsConfig(eps=10.0, norm="l2", targeted=False, tile=1, fd_eta=0.05))
+    attack = bandits_mod.bandits(bandits_mod.BanditsConfig(eps=10.0, norm="l2", targeted=False, tile=1, fd_eta=0.05,
+                                                           loss="margin"))
     final, _, _ = run_steps(attack, linear_scorer(), toy_state(attack), 200)
     p = np.asarray(final.prior).ravel()
     cos = p @ -np.asarray(A).ravel() / np.linalg.norm(p) / np.linalg.norm(A)
@@ -273,7 +274,8 @@ def test_prgf_alpha_estimate_and_query_pattern():
     aligned = linear_scorer(a=A)
 
     def run(surrogate, steps=2):
-        cfg = prgf_mod.PRGFConfig(eps=0.3, norm="l2", targeted=False, samples=8, norm_samples=S, sigma=1e-3)
+        cfg = prgf_mod.PRGFConfig(eps=0.3, norm="l2", targeted=False, samples=8, norm_samples=S, sigma=1e-3,
+                                  loss="margin")  # the toy margin is linear
         attack = prgf_mod.prgf(cfg, surrogate)
         return attack, run_steps(attack, aligned, toy_state(attack), steps)
 
@@ -297,7 +299,7 @@ def test_prgf_transfer_prior_is_the_surrogate_gradient(clean_scorer, surrogate_s
     x, y = attack_set.images[0], attack_set.labels[0]
     s0 = attack.init(jax.random.key(0), x, y, -1)
     s1, info = fast(lambda s, k: attack.step(s, Oracle(clean_scorer).bind(k, 0)), s0, jax.random.key(1))
-    g = fast(jax.grad(lambda z: -losses.margin(surrogate_scorer(z[None], None)[0], y)), x)
+    g = fast(jax.grad(lambda z: -losses.untargeted_xent(surrogate_scorer(z[None], None)[0], y)), x)  # the default loss
     v = g / jnp.sqrt(jnp.mean(g * g))
     # the step moves along a direction positively correlated with the surrogate's ascent direction
     move = np.asarray(s1.x - x).ravel()

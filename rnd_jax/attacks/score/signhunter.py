@@ -15,9 +15,13 @@ eps-ball around ``x0`` and onto [0, 1]. The search is greedy and hierarchical:
 - after the finest level (chunks of one coordinate) the pass ends: the center moves to the current
   point and a new pass starts at ``h = 0`` (Algorithm 1, "h <- 0" restart).
 
-The loss is minimised: untargeted ``margin`` (``log F_y - max_{j!=y} log F_j``) by default,
-targeted ``xent`` (``-log F_t``) by default; see :mod:`rnd_jax.losses`. A flip that makes the
-answer adversarial is always kept.
+The loss is minimised: the cross-entropy by default, as in the reference implementation
+(untargeted ``xent``: ``log F_y``; targeted ``xent``: ``-log F_t``); the margin losses
+(untargeted ``margin``, ``log F_y - max_{j!=y} log F_j``; targeted ``cw``) are selectable; see
+:mod:`rnd_jax.losses`. A flip that makes the answer adversarial is always kept. (From float32
+probabilities ``log F_y`` moves in steps of one ulp of ``F_y`` once ``F_y`` is within a few ulps of 1;
+SignHunter only compares losses, ties keep the flip, and on digits its untargeted vertices fool the
+model within a few queries under either loss: 50 of 50 undefended images, median 3 queries.)
 
 Queries. One step asks exactly ONE point, the candidate vertex (``cost = 1``). Its answer is
 both the loss that decides the flip and the success check: if the candidate is kept it becomes the
@@ -58,7 +62,7 @@ class SignHunterConfig:
     eps: float = 0.3  # radius of the perturbation ball (and length of the vertex step)
     norm: str = "linf"  # "linf" (the paper's main setting) or "l2"
     targeted: bool = False
-    loss: str | None = None  # targeted: "xent" (default) or "cw"; untargeted: "margin" (default) or "xent"
+    loss: str | None = None  # targeted: "xent" (default) or "cw"; untargeted: "xent" (default) or "margin"
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -70,7 +74,7 @@ class SignHunterConfig:
 
     @property
     def loss_name(self) -> str:
-        return self.loss or ("xent" if self.targeted else "margin")
+        return self.loss or "xent"
 
 
 class SignHunterState(NamedTuple):
