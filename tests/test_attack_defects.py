@@ -56,11 +56,18 @@ def stepped(attack, scorer, n_steps: int, budget=None):
     return jax.jit(jax.vmap(one))
 
 
-def run_trail(attack, scorer, sel, n_images: int, n_steps: int, budget=None, targeted=False):
+def run_trail(attack, scorer, sel, n_images: int, n_steps: int, budget=None):
+    """The first ``n_images`` images of ``sel`` attacked untargeted for ``n_steps`` steps (numpy trail)."""
     n = n_images
-    t = sel.targets[:n] if targeted else jnp.full((n,), -1, jnp.int32)
     f = stepped(attack, scorer, n_steps, budget)
-    return as_np(f(sel.images[:n], sel.labels[:n], t, keys(0, n), keys(1, n)))
+    return as_np(f(sel.images[:n], sel.labels[:n], jnp.full((n,), -1, jnp.int32), keys(0, n), keys(1, n)))
+
+
+@pytest.fixture(scope="module")
+def context():
+    """The digits training pool decision attacks and NES-PI start from."""
+    x, y = data.load("digits", "train")
+    return Context(train_images=x, train_labels=y, num_classes=10)
 
 
 # ----------------------------------------------------------------------------------------- Square
@@ -100,12 +107,6 @@ def test_square_explicit_n_iters_still_works(clean_scorer, attack_set):
 
 
 # ------------------------------------------------------------------------------- NES label-only
-
-@pytest.fixture(scope="module")
-def context():
-    x, y = data.load("digits", "train")
-    return Context(train_images=x, train_labels=y, num_classes=10)
-
 
 def test_nes_label_only_step_size_and_decay_recover(clean_scorer, attack_set, context):
     """Over ~4 000 queries on the undefended model (l_2, untargeted, run to the budget): every step's
