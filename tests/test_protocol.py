@@ -193,3 +193,21 @@ def test_robust_accuracy_over_attacked_and_selected():
     assert m["asr_stop"] == 0.5 and m["robust_all_stop"] == 0.4 and m["asr_lucky"] == 0.5 and m["asr_clean"] == 0.25
     assert m["queries_mean"] == 155 and m["loss_queries_mean"] == 154 and m["check_queries_mean"] == 6.75
     assert m["n_selected"] == 5 and m["n_images"] == 4
+
+
+def test_attacks_declare_their_pure_success_checks():
+    """The point an attack asks only to check success (not in its estimate) is declared, so loss queries leave it
+    out; EOT repeats it m times."""
+    from rnd_jax.attacks import ATTACKS
+
+    from rnd_jax import data
+    from rnd_jax.attacks import ATTACKS, Context
+
+    x, y = data.load("digits", "train")
+    ctx = Context(x, y, 10, surrogate=lambda xx, kk: None)
+    pure_check = {"nes", "zoo", "bandits_td", "nes_pi"}  # the answer at the current point is not in the estimate
+    for name, spec in ATTACKS.items():
+        cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
+        attack = make_attack(name, ctx, **cfg)
+        assert attack.checks == (1 if name in pure_check else 0), name
+        assert eot(attack, 3).checks == 3 * attack.checks

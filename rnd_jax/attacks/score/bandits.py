@@ -189,7 +189,7 @@ def bandits(cfg: BanditsConfig) -> Attack:
             step=state.step + 1, done=success, prior=jnp.where(success, state.prior, prior))
         return new, BanditsInfo(loss=f[0], est_deriv=est_deriv)
 
-    return Attack(init=init, step=step, cost=3, output="scores", targeted=cfg.targeted)
+    return Attack(init=init, step=step, cost=3, output="scores", targeted=cfg.targeted, checks=1)
 
 
 register(AttackSpec(

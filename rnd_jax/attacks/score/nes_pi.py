@@ -284,7 +284,7 @@ def nes_pi(cfg: NESPIConfig, pool_images, pool_labels) -> Attack:
             n_recent=keep(state.n_recent, n_recent))
         return new, NESPIInfo(loss=loss, queries=asked, eps_t=new.eps_t, visible=n_vis.astype(jnp.int32))
 
-    return Attack(init=init, step=step, cost=1 + J + max_asks, output="top1", targeted=True)
+    return Attack(init=init, step=step, cost=1 + J + max_asks, output="top1", targeted=True, checks=1)
 
 
 def _build(cfg: NESPIConfig, ctx) -> Attack:
