@@ -306,8 +306,8 @@ _add({
               "values": ["asr_lucky@5000", "asr_lucky@10000", "asr_lucky", "asr", "l2_query"],
               "title": "l2 attacks vs small input noise nu: ASR at 5K / 10K / 20K queries and the mean l2 distance "
                        "of the last query image to x0 (the paper's figure in parentheses)",
-              "note": _SND + "Every query is seen on the host (tap), so each image runs alone (same results as in "
-                      "a batch). Differs: digits (ImageNet, ResNet-50); 10 images (250); l2 eps 1.0 (5.0 on "
+              "note": _SND + "Every query is seen on the host (tap), so each image runs alone (the batched run's "
+                      "keys and queries). Differs: digits (ImageNet, ResNet-50); 10 images (250); l2 eps 1.0 (5.0 on "
                       "224x224x3); l2_query at the full budget only (the paper gives it at each budget); the PGD-AT "
                       "and R&P rows are not in the registry yet."},
 })

@@ -33,7 +33,9 @@ The protocol keys (``stop_rule``, ``count_checks``, ``pool``, ``balanced``, ``ch
 ``acc_draws``) are those of :class:`rnd_jax.evaluate.Protocol`; each built-in grid sets its paper's.
 ``tap``: run the cell's images one at a time through :func:`rnd_jax.evaluate.tap_scorer`, which sees
 every query on the host, for ``p_mis`` (SND Table 4) and ``l2_query`` (the last query image, SND Table
-3); the other metrics equal the batched run's (an image alone replays what it does in a batch). Every
+3); the other metrics are those of the batched run (an image alone replays what it does in a batch: the
+same keys, queries and decisions, floats to about 1e-6 — in long decision-attack runs that rounding can
+still flip a last answer at the boundary for an image or two). Every
 cell also reports ``p_mis_clean``: the share of clean test images whose defended class differs from the
 clean one, averaged over ``acc_draws`` draws.
 ``eot_budget``: ``"equal"`` keeps every cell at the grid's budget (EOT M then takes M times fewer
