@@ -27,14 +27,17 @@ attacked alone (``driver.run_one``, jitted, not vmapped: every model call of suc
 query, whereas under ``vmap`` finished images keep evaluating discarded queries) through a scorer
 that reports, for each query batch, the defended and the undefended labels and the points to the
 host (``jax.debug.callback``); the number of points it saw is checked against the driver's count.
-An image attacked alone replays exactly what it does inside a batch (same keys, same queries), so
+An image attacked alone replays what it does inside a batch (same keys and queries; floats to ~1e-6), so
 this is the protocol of :mod:`rnd_jax.evaluate` image by image: the majority-of-9 check uses 9
 fresh defended answers from the image's check key, and keys follow :func:`rnd_jax.evaluate.image_keys`.
 
 One compilation per attack serves every defense: the noise levels are traced arguments of a
 defended scorer that applies input noise then output noise with the formulas of
-:mod:`rnd_jax.defenses` (``x + nu eta``, not clipped; ``min(|F + sigma v|, 1)``; each point's key
-split per defense); a level of 0 gives exactly the clean answer.
+:mod:`rnd_jax.defenses` (``x + nu eta``, not clipped; the label ``argmax(F + sigma v)``, Aithal & Li's
+hard label, or with ``--output-postprocess`` the argmax of ``min(|F + sigma v|, 1)``; each point's key
+split per defense); a level of 0 gives exactly the clean answer. The stop rule is SND's ``single``
+(``--stop-rule``); ``asr_lucky`` (the attack's own verdict within eps) is SND's success, ``asr`` the
+majority-of-9 check beside it.
 
 Defaults (16 images, 10 000 queries, 9 attacks x 4 defenses; about 15 minutes on 2 CPU cores)::
 
@@ -91,6 +94,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--nus", type=float, nargs="+", default=list(DEFAULT_NUS), help="SND input-noise std levels")
     p.add_argument("--sigmas", type=float, nargs="*", default=list(DEFAULT_SIGMAS),
                    help="output-noise std levels (on probabilities, Aithal & Li post-processing)")
+    p.add_argument("--output-postprocess", action="store_true",
+                   help="output noise: take the label after min(|F + sigma v|, 1) instead of argmax(F + sigma v)")
     p.add_argument("--eps-l2", type=float, default=1.0, help="success radius of the l2 attacks")
     p.add_argument("--eps-linf", type=float, default=0.15, help="success radius of the l_inf attacks")
     p.add_argument("--clean-draws", type=int, default=20, help="noise draws per test image for P_mis on clean images")
@@ -141,14 +146,18 @@ def configure(args) -> dict:
         "attacks": names, "defenses": [{"defense": d, "level": v} for d, v in defenses],
         "checkpoints": checkpoints, "eps": eps, "n_images": args.n_images, "budget": args.max_queries,
         "clean_draws": args.clean_draws, "check_queries": 9, "stop_rule": args.stop_rule,
-        "count_checks": args.count_checks,
+        "count_checks": args.count_checks, "output_postprocess": args.output_postprocess,
         "seed": args.seed, "train_seed": args.train_seed, "train": None,
         "_defenses": defenses,
     }
 
 
-def leveled_defense(clean, nu, sigma):
-    """``output_noise(input_noise(clean, nu), sigma)`` with ``nu``, ``sigma`` traced (see module docstring)."""
+def leveled_defense(clean, nu, sigma, postprocess: bool = False):
+    """``output_noise(input_noise(clean, nu), sigma)`` with ``nu``, ``sigma`` traced (see module docstring).
+
+    The hard label is Aithal & Li's ``argmax(F(x) + sigma v)``; ``postprocess`` takes it after their
+    soft-label post-processing ``min(|F + sigma v|, 1)`` instead.
+    """
 
     def scores(x, keys):
         pairs = jax.vmap(jax.random.split)(keys)
@@ -158,16 +167,16 @@ def leveled_defense(clean, nu, sigma):
         eta = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(k_eta)
         p = clean(x + nu * eta, None)
         v = jax.vmap(lambda k: jax.random.normal(k, p.shape[1:], p.dtype))(k_out)
-        return jnp.minimum(jnp.abs(p + sigma * v), 1.0)
+        return jnp.minimum(jnp.abs(p + sigma * v), 1.0) if postprocess else p + sigma * v
 
     return scores
 
 
-def p_mis_clean_fn(clean):
+def p_mis_clean_fn(clean, postprocess: bool = False):
     """Jitted ``(nu, sigma, images, key) -> P(h(x + noise) != h(x))`` for one noise draw per image."""
 
     def f(nu, sigma, x, key):
-        p = leveled_defense(clean, nu, sigma)(x, query_keys(key, 0, x.shape[0]))
+        p = leveled_defense(clean, nu, sigma, postprocess)(x, query_keys(key, 0, x.shape[0]))
         return jnp.mean(jnp.argmax(p, -1) != jnp.argmax(clean(x, None), -1))
 
     return jax.jit(f)
@@ -237,7 +246,7 @@ def main(argv=None) -> dict:
 
     rows, timing = [], {}
     n, budget, m = cfg["n_images"], cfg["budget"], 9
-    pmis_fn = p_mis_clean_fn(clean)
+    pmis_fn = p_mis_clean_fn(clean, cfg["output_postprocess"])
     pmis_clean = {}
     for d, v in defenses:
         nu, sigma = (v, 0.0) if d == "input_noise" else (0.0, v)
@@ -253,7 +262,8 @@ def main(argv=None) -> dict:
                             stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
         validate_selection(attack, Oracle(clean, "label"), protocol, sel)
         tap = QueryTap()
-        run = jax.jit(make_tapped_runner(attack, lambda lv: leveled_defense(clean, *lv), clean, protocol, tap))
+        post = cfg["output_postprocess"]
+        run = jax.jit(make_tapped_runner(attack, lambda lv: leveled_defense(clean, *lv, post), clean, protocol, tap))
         for defense, level in defenses:
             nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
             res, votes, clean_pred, taps = run_tapped(run, tap, sel, (ka, kd, kc), protocol, level=(nu, sigma))
@@ -266,7 +276,9 @@ def main(argv=None) -> dict:
             rows.append(row)
         timing[name] = time.time() - t0
 
-    asr_cols = [(f"asr@{b // 1000}K" if b % 1000 == 0 else f"asr@{b}",) * 2 + (".2f",) for b in cfg["checkpoints"]]
+    tag = lambda b: f"{b // 1000}K" if b % 1000 == 0 else str(b)
+    asr_cols = [(f"asr_lucky@{tag(b)}", f"lucky@{tag(b)}", ".2f") for b in cfg["checkpoints"]]
+    asr_cols += [(f"asr@{tag(cfg['checkpoints'][-1])}", f"asr@{tag(cfg['checkpoints'][-1])}", ".2f")]
     columns = COLUMNS_HEAD + asr_cols + COLUMNS_TAIL
     print(table(rows, columns))
     print(f"untargeted; {cfg['n_images']} images, budget {cfg['budget']}, eps l2 {cfg['eps']['l2']:g} / linf "

@@ -128,8 +128,8 @@ def test_verified_decision_attack_on_the_lucky_model(clean_scorer, untargeted_se
     attack = make_attack("rays", None, targeted=False, eps=EPS)
     oracle = Oracle(lucky_scorer(clean_scorer), "label")
     f = jax.jit(lambda rule: driver.run(attack, oracle, sel.images[:n], sel.labels[:n], sel.targets[:n], keys(3, n),
-                                        keys(4, n), 1_000, stop=driver.StopRule(eps=EPS), check_keys=keys(5, n), clean=clean_scorer,
-                                        rule=rule))
+                                        keys(4, n), 1_000, stop=driver.StopRule(eps=EPS), check_keys=keys(5, n),
+                                        clean=clean_scorer, rule=rule))
     single, ver = as_np(f(0)), as_np(f(1))
     fooled_single = _fooled(clean_scorer, single.x_adv, sel.labels[:n])
     fooled_ver = _fooled(clean_scorer, ver.x_adv, sel.labels[:n])
@@ -184,7 +184,8 @@ def test_robust_accuracy_over_attacked_and_selected():
     assert robust_accuracy(sel, ok) == (0.5, 2 / 5)
     assert robust_accuracy(sel, ok, q, budget=100) == (0.75, 3 / 5)
     res = driver.Result(x_adv=jnp.zeros((4, 2, 2, 1)), lucky=jnp.asarray(ok), queries=jnp.asarray(q),
-                        steps=jnp.asarray(q), trace_queries=None, trace_loss=None, success=jnp.asarray([1, 1, 0, 0], bool),
+                        steps=jnp.asarray(q), trace_queries=None, trace_loss=None,
+                        success=jnp.asarray([1, 1, 0, 0], bool),
                         loss_queries=jnp.asarray(q - 1), check_queries=jnp.asarray([9, 18, 0, 0]),
                         claims=jnp.asarray([1, 2, 0, 0]))
     votes = np.array([1.0, 0.0, 0.0, 6 / 9])
