@@ -3,22 +3,26 @@
 Each built-in grid of :mod:`rnd_jax.grids` mirrors one table (its ``table`` block names it):
 
 ========================  ===================================================================
-grid                      mirrors
+grid                      mirrors (each under its paper's protocol, :mod:`rnd_jax.grids`)
 ========================  ===================================================================
 ``aithal_table2``         Aithal & Li (2022) Table 2: targeted soft-label attacks x sigma
-``aithal_table3``         Aithal & Li Tables 3/10: untargeted hard-label attacks x sigma
-``aithal_table10``        Aithal & Li Table 10: targeted hard-label attacks x sigma
+``aithal_table3``         Aithal & Li Table 3: targeted hard-label attacks x sigma
+``aithal_table10``        Aithal & Li Table 10: untargeted hard-label attacks x sigma
 ``aithal_table5``         Aithal & Li Table 5: quantization / correlated noise (Lemma 2)
 ``aithal_table6``         Aithal & Li Table 6: NES step beta x sigma
-``aithal_table7``         Aithal & Li Table 7 / Theorem 4: N repeated queries at equal budget
-``aithal_table8``         Aithal & Li Table 8: NES samples J x sigma
+``aithal_table7``         Aithal & Li Table 7 / Theorem 4: AutoZOOM with N repeats, N x budget
+                          (``aithal_table7_equal``: at an equal budget)
+``aithal_table8``         Aithal & Li Table 8: NES samples J at sigma = 1e-4
+``aithal_table9``         Aithal & Li Table 9: untargeted soft-label attacks x sigma
 ``aithal_table12``        Aithal & Li Table 12: distortion (same cells as table 2)
-``snd_table2`` .. ``5``   SND Tables 2-5: decision / score attacks x nu, P_mis, adaptive T
+``snd_table2`` .. ``5``   SND Tables 2-5: decision / l2 attacks x nu, P_mis, HSJA with T repeats
+                          at 2K x T (``snd_table5_equal``: equal budget)
 ``rnd_mu_nu``             RND: failure rate over the (mu, nu) grid, NES and Square
-``rnd_eot``               RND: the EOT M sweep
-``rfd_table1`` / ``2``    randomized feature defense Tables 1/2 (1% / 2% accuracy drop)
-``rfd_table6``            randomized feature defense Tables 6/14 (per layer)
-``rfd_table7``            randomized feature defense Table 7 (EOT)
+``rnd_eot``               RND: EOT with M samples, M x budget (``rnd_eot_equal``: fixed budget)
+``rfd_table1`` / ``2``    randomized feature defense Tables 1 / 2 (1%-2% / 2%-4% accuracy drops)
+``rfd_table5``            randomized feature defense Table 5 (RayS, Sign-Flip)
+``rfd_table6`` / ``14``   randomized feature defense Tables 6 / 14 (one layer: fixed nu / 4% drop)
+``rfd_table7``            randomized feature defense Table 7 (EOT, M x 1000 queries)
 ========================  ===================================================================
 
 Commands (default size: at most about 20 minutes on 2 CPU cores for the NES-based grids;

@@ -5,12 +5,15 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
 
 - it succeeds on the undefended digits model: ASR >= 90% on 10 images within its budget and eps,
   untargeted and targeted (each where supported), success judged by the clean model;
-- an eager query-counting oracle (``QueryCounter`` under ``jax.disable_jit``) proves the budget is
-  never exceeded and that the driver's count equals the points the model was asked about;
+- a host-side query counter (``tap_scorer`` in the jitted one-image runs of the replay test, under the verified
+  stop rule) proves the budget is never exceeded and that the driver's count equals the points the model was
+  asked about; the eager ``QueryCounter`` under ``jax.disable_jit`` does the same for three attacks (all with
+  -m slow);
 - the same keys replay bit-identically; one image alone equals the same image inside the batch;
 - a second call with new inputs does not retrace (``chex.assert_max_traces``);
 - its ``bad_configs`` raise ``ValueError``;
-- on the undefended model the three stop rules (single, verified, clean) give identical runs.
+- on the undefended model the three stop rules (single, verified, clean) give identical runs (eight attacks of
+  every kind by default, all with -m slow).
 """
 
 import chex
@@ -23,9 +26,17 @@ from conftest import as_np, keys
 from rnd_jax import data
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import output_noise
+from rnd_jax.evaluate import QueryTap, tap_scorer
 from rnd_jax.oracle import Oracle, QueryCounter
 
 NAMES = sorted(ATTACKS)
+
+
+def by_attack(names, slow=()):
+    """One param per attack, grouped per attack (``--dist loadgroup``: an attack's tests run on one xdist
+    worker, which compiles its programs once for all of them); those in ``slow`` marked slow."""
+    return [pytest.param(n, marks=[pytest.mark.xdist_group(f"battery-{n}")] + ([pytest.mark.slow] if n in slow else []))
+            for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +64,7 @@ def oracle_for(attack, scorer):
 
 
 _RUNNERS = {}
+TAPS = {}
 
 
 def runner(name, context, clean_scorer, targeted, n, short=False):
@@ -81,12 +93,22 @@ def runner(name, context, clean_scorer, targeted, n, short=False):
             return driver.run(attack, oracle_for(attack, output_noise(clean_scorer, sigma)), x, y, t, ka, kd, budget,
                               stop=stop, check_keys=kc, clean=clean_scorer, rule=jnp.asarray(rule, jnp.int32))
 
+        if n == 1:  # one image alone: not vmapped, and every model call counted on the host (TAPS[name])
+            tap = TAPS.setdefault(name, QueryTap())
+
+            def run(x, y, t, ka, kd, sigma, kc, rule):
+                defended = output_noise(clean_scorer, sigma)
+                res = driver.run_one(attack, oracle_for(attack, tap_scorer(defended, clean_scorer, tap)), x[0], y[0],
+                                     t[0], ka[0], kd[0], budget, stop=stop, check_key=kc[0], clean=clean_scorer,
+                                     rule=jnp.asarray(rule, jnp.int32), checker=defended)
+                return jax.tree.map(lambda a: a[None], res)
+
         run.__name__ = f"battery_{name}_{'targeted' if targeted else 'untargeted'}_{n}_{budget}"
         _RUNNERS[key] = jax.jit(chex.assert_max_traces(run, n=1)), budget
     return _RUNNERS[key]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", by_attack(NAMES))
 def test_succeeds_undefended(name, context, clean_scorer, attack_set):
     spec = ATTACKS[name]
     n = len(attack_set.labels)
@@ -102,7 +124,10 @@ def test_succeeds_undefended(name, context, clean_scorer, attack_set):
         assert res.queries.max() <= budget
 
 
-@pytest.mark.parametrize("name", NAMES)
+EAGER_FAST = ("nes", "square_linf", "rays")  # the eager witness by default; every attack with -m slow
+
+
+@pytest.mark.parametrize("name", by_attack(NAMES, slow=[n for n in NAMES if n not in EAGER_FAST]))
 def test_eager_counter_proves_budget(name, context, clean_scorer, attack_set):
     attack, _ = build(name, context, goals(name)[-1])
     budget = 2 * attack.cost + attack.cost // 2  # a budget that is not a whole number of steps
@@ -114,34 +139,39 @@ def test_eager_counter_proves_budget(name, context, clean_scorer, attack_set):
     assert counter.count == int(res.queries) > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", by_attack(NAMES))
 def test_replay_batching_and_no_retrace(name, context, clean_scorer, attack_set):
-    """Under output noise (sigma = 1e-4), with the single and the verified stop rule: the same keys replay
-    bit-identically; an image run alone equals the same image inside the batch (verified rule: its checks
-    too); new inputs of the same shapes do not retrace."""
+    """Under output noise (sigma = 1e-4) and the verified stop rule (a superset of the single rule's work): the
+    same keys replay bit-identically; an image run alone (not vmapped) equals the same image inside the batch,
+    its checks too; a host-side counter of that run (``tap_scorer``) sees exactly the driver's count, within
+    the budget; new inputs of the same shapes do not retrace."""
     targeted = goals(name)[-1]
     sel, n = attack_set, len(attack_set.labels)
     f, _ = runner(name, context, clean_scorer, targeted, n, short=True)
     ka, kd = keys(0, n), keys(1, n)
     kc = keys(2, n)
-    for rule in (0, 1):
-        a = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, rule))
-        b = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, rule))
-        for u, v in zip(a, b):
-            np.testing.assert_array_equal(u, v)
-    g, _ = runner(name, context, clean_scorer, targeted, 1, short=True)
+    a = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, 1))
+    b = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, 1))
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    g, budget = runner(name, context, clean_scorer, targeted, 1, short=True)
+    tap = TAPS[name]
     for i in (0, n // 2, n - 1):
+        tap.reset()
         alone = as_np(g(sel.images[i:i + 1], sel.labels[i:i + 1], sel.targets[i:i + 1], ka[i:i + 1], kd[i:i + 1],
                         1e-4, kc[i:i + 1], 1))
+        jax.effects_barrier()
         assert alone.queries[0] == a.queries[i] and alone.lucky[0] == a.lucky[i], (name, i)
         assert alone.success[0] == a.success[i] and alone.check_queries[0] == a.check_queries[i], (name, i)
         np.testing.assert_allclose(alone.x_adv[0], a.x_adv[i], atol=1e-6)
+        # the host saw exactly the driver's count, within the budget (the rule's checks ask the untapped scorer)
+        assert tap.n == alone.queries[0] <= budget, (name, i, tap.n)
     # new inputs of the same shapes (images in another order, other keys): no retrace
     order = np.arange(n)[::-1]
     f(sel.images[order], sel.labels[order], sel.targets[order], keys(5, n), keys(6, n), 1e-3, keys(7, n), 1)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", by_attack(NAMES))
 def test_bad_configs_raise(name):
     spec = ATTACKS[name]
     assert spec.bad_configs, f"{name} declares no bad configs to check"
@@ -155,20 +185,25 @@ def test_bad_configs_raise(name):
 _UNDEFENDED = {}
 
 
-def _undefended(name, context, clean_scorer, attack_set, targeted, rule):
-    k = (name, targeted, rule)
+def _undefended(name, context, clean_scorer, attack_set, targeted, rule, short=False):
+    k = (name, targeted, rule, short)
     if k not in _UNDEFENDED:
         n = len(attack_set.labels)
-        f, _ = runner(name, context, clean_scorer, targeted, n)
+        f, _ = runner(name, context, clean_scorer, targeted, n, short=short)
         _UNDEFENDED[k] = as_np(f(attack_set.images, attack_set.labels, attack_set.targets, keys(0, n), keys(1, n), 0.0,
                                  keys(2, n), rule))
     return _UNDEFENDED[k]
 
 
-@pytest.mark.parametrize("name", NAMES)
+AGREE_FAST = ("nes", "zoo", "square_linf", "simba_dct", "nes_pi", "hsja", "rays", "boundary")
+
+
+@pytest.mark.parametrize("name", by_attack(NAMES, slow=[n for n in NAMES if n not in AGREE_FAST]))
 def test_stop_rules_agree_undefended(name, context, clean_scorer, attack_set):
     """Without a defense every claim is true: verified and clean stop exactly where single does, with the same
-    trajectory, and verified asks its 9 checks once per successful image (the claim that ends it)."""
+    trajectory, and verified asks its 9 checks once per successful image (the claim that ends it). On the
+    success test's program (undefended, most images stop early). The rule lives in the driver, so score and
+    decision attacks of fixed and run-time cost run by default; every attack with -m slow."""
     targeted = goals(name)[-1]
     single = _undefended(name, context, clean_scorer, attack_set, targeted, 0)
     assert single.success.any(), name
