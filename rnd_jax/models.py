@@ -32,11 +32,30 @@ Models
 ``cifar10_cnn``
     7-layer all-convolutional CIFAR-10 model of Aithal & Li (2022).
 
+Standard architectures (defined in :mod:`rnd_jax.nets`, for PyTorch weights imported with
+:mod:`rnd_jax.weights`; inference only, input normalisation inside the model, frozen BatchNorm
+statistics stored in ``params``; marks named ``block{s}_{i}`` / ``conv{i}`` / ``block{i}``):
+
+``resnet20``
+    ResNet-20 for CIFAR-10 (He et al. 2016, option-A shortcuts), 269,722 parameters.
+``vgg16``
+    VGG-16 with BatchNorm, CIFAR-10 layout (512 -> K classifier), 14,728,266 parameters.
+``wrn28_10``
+    WideResNet-28-10, RobustBench "Standard" layout, raw [0, 1] inputs, 36,479,194 parameters.
+``resnet50``
+    ResNet-50 for 224x224 ImageNet images (torchvision layout), 25,557,032 parameters at K=1000.
+``vit_b16``
+    ViT-B/16 for 224x224 ImageNet images (timm layout), 86,567,656 parameters at K=1000.
+
+The factories' default ``num_classes`` is 10 for the CIFAR models and 1000 for the ImageNet ones;
+:func:`get_model` passes its own ``num_classes`` (default 10), so ask for 1000 explicitly.
+
 Aithal & Li (2022): M. B. Aithal and X. Li, "Boundary Defense Against Black-box
 Adversarial Attacks", arXiv:2201.13444.  Where the paper leaves a detail open (padding,
 pooling placement) the choice made here is stated in the model's docstring.
 
-No model uses BatchNorm, so ``params`` is the only variable collection needed at
+The three small models use no BatchNorm and the standard architectures keep their frozen
+BatchNorm statistics inside ``params``, so ``params`` is the only variable collection needed at
 inference and ``apply`` is a pure function of ``(params, x)``.  Dropout (``mnist_cnn``)
 is active only for ``apply(..., train=True, rngs={"dropout": key})``.
 """
@@ -49,6 +68,8 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from rnd_jax import nets
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -168,6 +189,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "mnist_cnn": MnistCNN,
     "cifar10_cnn": Cifar10CNN,
+    "resnet20": nets.resnet20,
+    "vgg16": nets.vgg16,
+    "wrn28_10": nets.wrn28_10,
+    "resnet50": nets.resnet50,
+    "vit_b16": nets.vit_b16,
 }
 """Model name -> factory called as ``factory(num_classes=K)``."""
 
