@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import dataset_info
 from experiments.common import table
-from rnd_jax import data, models, train
+from rnd_jax import data, models, pytree, train
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import check_level, model_scorer, output_noise
 from rnd_jax.evaluate import image_keys, select_images
@@ -46,6 +47,21 @@ def best_time(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def _run_steps(bundle, x, y, t, ka, kd):
+    """``steps`` steps of the vmapped driver loop: (queries, steps) per image."""
+    attack, oracle, budget, steps = bundle
+
+    def one(x, y, t, a, d):
+        c = driver.start(attack, a, x, y, t, budget)
+        c = driver.advance(attack, oracle, c, d, budget, max_steps=steps)
+        return c.queries, c.state.step
+
+    return jax.vmap(one)(x, y, t, ka, kd)
+
+
+RUN_STEPS = pytree.jit(_run_steps)  # the attack's pool and the model's params are program arguments
 
 
 def get_parser():
@@ -71,7 +87,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown attack(s) {bad}; choose from {sorted(ATTACKS)}")
     try:
         sigmas = [check_level("sigma", s) for s in args.sigmas]
-        ds = data.info(args.dataset)
+        ds = dataset_info(args.dataset)
     except ValueError as e:
         parser.error(str(e))
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
@@ -87,12 +103,12 @@ def main(argv=None) -> dict:
     n = args.n_images
     sel = select_images(jax.random.key(0), clean, x_test, y_test, n, True, ds.num_classes)
     ka, kd, _ = image_keys(jax.random.key(1), jax.random.key(2), sel.index)
-    fwd = jax.jit(lambda x: model.apply({"params": params}, x))
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
     raw = {}  # batch -> best seconds
 
     def raw_time(batch):
         xb = jnp.asarray(np.resize(x_test, (batch,) + x_test.shape[1:]))
-        raw[batch] = min(raw.get(batch, np.inf), best_time(lambda: fwd(xb), args.repeats))
+        raw[batch] = min(raw.get(batch, np.inf), best_time(lambda: fwd(params, xb), args.repeats))
         return raw[batch]
 
     out = {"device": str(jax.devices()[0]), "dataset": args.dataset, "model": model_name, "n_images": n,
@@ -108,17 +124,9 @@ def main(argv=None) -> dict:
         raw_time(batch)
         for sigma in sigmas:
             oracle = Oracle(output_noise(clean, sigma), attack.output)
-
-            @jax.jit
-            def run_steps(x, y, t, ka, kd):
-                def one(x, y, t, a, d):
-                    c = driver.start(attack, a, x, y, t, budget)
-                    c = driver.advance(attack, oracle, c, d, budget, max_steps=args.steps)
-                    return c.queries, c.state.step
-                return jax.vmap(one)(x, y, t, ka, kd)
-
             targets = sel.targets if attack.targeted else np.full_like(sel.labels, -1)
-            fn = lambda: run_steps(sel.images, sel.labels, targets, ka, kd)
+            bundle = (attack, oracle, budget, args.steps)
+            fn = lambda: RUN_STEPS(bundle, sel.images, sel.labels, targets, ka, kd)
             t = best_time(fn, args.repeats)
             raw_qps = batch / raw_time(batch)
             queries, steps = (np.asarray(a) for a in fn())

@@ -39,14 +39,14 @@ import functools
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from experiments.common import dataset_info
 from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
                                 write_timing)
-from rnd_jax import data, models, plots
+from rnd_jax import models, plots, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
 from rnd_jax.evaluate import (Protocol, cell_inputs, defended_accuracy, image_keys, make_runner, run_cell, select_images,
@@ -151,13 +151,15 @@ def defend(clean, defense: str, level: float):
     return defend_levels(clean, levels(defense, level))
 
 
+def _level_run(bundle, sigma_nu, *inputs):
+    attack, clean, protocol = bundle
+    return make_runner(attack, Oracle(defend_levels(clean, sigma_nu), attack.output), clean, protocol)(*inputs)
+
+
 def level_runner(attack, clean, protocol, sel, keys, options):
     """One compiled protocol runner for every cell of an attack: ``runner(sigma_nu)(*inputs)``."""
-    def fn(sigma_nu, *inputs):
-        return make_runner(attack, Oracle(defend_levels(clean, sigma_nu), attack.output), clean, protocol)(*inputs)
-
-    compiled = jax.jit(fn).lower(jnp.zeros(2, jnp.float32), *cell_inputs(sel, keys)).compile(
-        compiler_options=options)
+    compiled = pytree.jit(_level_run).lower((attack, clean, protocol), jnp.zeros(2, jnp.float32),
+                                            *cell_inputs(sel, keys)).compile(compiler_options=options)
     return lambda sigma_nu: functools.partial(compiled, jnp.asarray(sigma_nu, jnp.float32))
 
 
@@ -169,7 +171,7 @@ def configure(args) -> dict:
         args.sigmas = [0.0, 1e-2] if args.smoke else list(DEFAULT_SIGMAS)
     if args.nus is None:
         args.nus = [0.0] if args.smoke else list(DEFAULT_NUS)
-    ds = data.info(args.dataset)  # ValueError on an unknown dataset
+    ds = dataset_info(args.dataset)  # ValueError on an unknown dataset
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
     surrogate_model = args.surrogate_model or model_name

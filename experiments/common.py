@@ -21,6 +21,15 @@ def add_model_args(p) -> None:
     p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
 
 
+def dataset_info(name: str):
+    """``data.info(name)`` for a dataset this experiment can load with ``data.load`` (ValueError otherwise)."""
+    from rnd_jax import data
+
+    if name not in data.DATASETS:
+        raise ValueError(f"unknown dataset {name!r} for this experiment; choose one of {data.DATASETS}")
+    return data.info(name)
+
+
 def add_run_args(p, out: str) -> None:
     """Seeds, folders and progress: the options every attack experiment shares (see :func:`setup`)."""
     p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")

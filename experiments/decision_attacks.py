@@ -58,15 +58,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
+from experiments.common import dataset_info
 from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
                                 write_timing)
-from rnd_jax import data, models
+from rnd_jax import models, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level
-from rnd_jax.evaluate import (Protocol, QueryTap, image_keys, make_tapped_runner, run_tapped, select_images, successes,
-                              validate_selection)
+from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, image_keys, make_tapped_runner, run_tapped,
+                              select_images, successes, validate_selection)
 from rnd_jax.oracle import Oracle, query_keys
 
 DEFAULT_NUS = (0.0, 1e-3, 1e-2)
@@ -113,7 +115,7 @@ def configure(args) -> dict:
         args.n_images, args.max_queries, args.checkpoints = 3, 600, [200, 600]
         args.nus, args.sigmas, args.clean_draws = [0.0, 1e-2], [1e-2], 2
         args.attacks = args.attacks or list(SMOKE_ATTACKS)
-    ds = data.info(args.dataset)
+    ds = dataset_info(args.dataset)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)
     names = args.attacks or decision_attacks()
@@ -159,27 +161,34 @@ def leveled_defense(clean, nu, sigma, postprocess: bool = False):
     soft-label post-processing ``min(|F + sigma v|, 1)`` instead.
     """
 
-    def scores(x, keys):
-        pairs = jax.vmap(jax.random.split)(keys)
-        k_out, k_in = pairs[:, 0], pairs[:, 1]
-        pairs = jax.vmap(jax.random.split)(k_in)
-        k_eta = pairs[:, 0]
-        eta = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(k_eta)
-        p = clean(x + nu * eta, None)
-        v = jax.vmap(lambda k: jax.random.normal(k, p.shape[1:], p.dtype))(k_out)
-        return jnp.minimum(jnp.abs(p + sigma * v), 1.0) if postprocess else p + sigma * v
+    return Partial(_leveled_scores, clean, nu, sigma, postprocess)
 
-    return scores
+
+def _leveled_scores(clean, nu, sigma, postprocess, x, keys):
+    pairs = jax.vmap(jax.random.split)(keys)
+    k_out, k_in = pairs[:, 0], pairs[:, 1]
+    pairs = jax.vmap(jax.random.split)(k_in)
+    k_eta = pairs[:, 0]
+    eta = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(k_eta)
+    p = clean(x + nu * eta, None)
+    v = jax.vmap(lambda k: jax.random.normal(k, p.shape[1:], p.dtype))(k_out)
+    return jnp.minimum(jnp.abs(p + sigma * v), 1.0) if postprocess else p + sigma * v
+
+
+def _leveled_at(clean, postprocess, levels):
+    return leveled_defense(clean, *levels, postprocess)
+
+
+def _p_mis(bundle, nu, sigma, x, key):
+    clean, postprocess = bundle
+    p = leveled_defense(clean, nu, sigma, postprocess)(x, query_keys(key, 0, x.shape[0]))
+    return jnp.mean(jnp.argmax(p, -1) != jnp.argmax(clean(x, None), -1))
 
 
 def p_mis_clean_fn(clean, postprocess: bool = False):
-    """Jitted ``(nu, sigma, images, key) -> P(h(x + noise) != h(x))`` for one noise draw per image."""
-
-    def f(nu, sigma, x, key):
-        p = leveled_defense(clean, nu, sigma, postprocess)(x, query_keys(key, 0, x.shape[0]))
-        return jnp.mean(jnp.argmax(p, -1) != jnp.argmax(clean(x, None), -1))
-
-    return jax.jit(f)
+    """Compiled ``(nu, sigma, images, key) -> P(h(x + noise) != h(x))`` for one noise draw per image."""
+    compiled = pytree.jit(_p_mis)
+    return lambda nu, sigma, x, key: compiled((clean, postprocess), nu, sigma, x, key)
 
 
 def cell_metrics(sel, res, votes, clean_pred, eps: float, norm: str, checkpoints, check_queries: int) -> dict:
@@ -263,7 +272,7 @@ def main(argv=None) -> dict:
         validate_selection(attack, Oracle(clean, "label"), protocol, sel)
         tap = QueryTap()
         post = cfg["output_postprocess"]
-        run = jax.jit(make_tapped_runner(attack, lambda lv: leveled_defense(clean, *lv, post), clean, protocol, tap))
+        run = compile_runner(make_tapped_runner(attack, Partial(_leveled_at, clean, post), clean, protocol, tap))
         for defense, level in defenses:
             nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
             res, votes, clean_pred, taps = run_tapped(run, tap, sel, (ka, kd, kc), protocol, level=(nu, sigma))

@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from experiments.common import dataset_info  # noqa: E402
 from experiments.common import add_protocol_args, cli, setup, table, write_csv, write_json, write_timing  # noqa: E402
 from rnd_jax import data, grids, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
@@ -89,7 +90,7 @@ def configure(args) -> dict:
     if args.smoke:
         args.n_images, args.budgets, args.draws, args.bits, args.alphas = 4, [510], 4, [2], []
         args.drops, args.attacks = [0.02], args.attacks or ["nes"]
-    ds = data.info(args.dataset)
+    ds = dataset_info(args.dataset)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)
     score = sorted(n for n, s in ATTACKS.items() if s.family == "score" and s.supports_untargeted)

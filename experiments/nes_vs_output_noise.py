@@ -26,9 +26,10 @@ import time
 
 from tqdm.auto import tqdm
 
+from experiments.common import dataset_info
 from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
                                 write_timing)
-from rnd_jax import data, models
+from rnd_jax import models
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
 from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
@@ -73,7 +74,7 @@ def configure(args) -> dict:
     """Validate every option and resolve defaults — before any model is trained or traced."""
     if args.smoke:
         args.n_images, args.max_queries, args.sigmas, args.acc_draws = 8, 1_000, [0.0, 1e-2], 4
-    ds = data.info(args.dataset)  # ValueError on an unknown dataset
+    ds = dataset_info(args.dataset)  # ValueError on an unknown dataset
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
     sigmas = [check_level("sigma", s) for s in args.sigmas]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import sys
 import time
@@ -43,8 +42,9 @@ import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm)
 import numpy as np
 from tqdm.auto import tqdm
 
+from experiments.common import dataset_info
 from experiments.common import cli, table, write_json, write_timing
-from rnd_jax import data, models, stats, train
+from rnd_jax import data, models, pytree, stats, train
 from rnd_jax.defenses import feature_noise, input_noise, model_scorer, output_noise
 from rnd_jax.theory import aithal_li, montecarlo, park, rfd
 
@@ -143,7 +143,7 @@ def _count(name, v, minimum=1):
 
 def configure(args) -> dict:
     """Validate every option and resolve defaults — before any model is trained or traced."""
-    ds = data.info(args.dataset)
+    ds = dataset_info(args.dataset)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     model = models.get_model(model_name, ds.num_classes)
     marks = ["input", *models.perturb_names(model, ds.image_shape)]
@@ -419,7 +419,7 @@ def main(argv=None) -> dict:
     cfg["train"] = dataclasses.asdict(train_cfg)
     write_json(out / "config.json", cfg)
     clean = model_scorer(model, params)
-    clean_j = jax.jit(clean)
+    clean_j = pytree.compiled(clean)
     x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
     order = np.asarray(jax.random.permutation(k_data, len(y_test)))[: cfg["n_images"]]
     xs, ys = np.asarray(x_test)[order], np.asarray(y_test)[order]
@@ -438,13 +438,12 @@ def main(argv=None) -> dict:
     timing["table1"] = time.time() - t0
 
     # Per sigma: the NES factor under the real output-noise defense; accuracy and output SNR.
-    # Every defense is jitted once with its noise level as an argument (no recompile per level).
-    noisy_out = jax.jit(lambda x, keys, level: output_noise(clean, level)(x, keys))
+    # Every defense is compiled once with its noise level (a 0-d array) and the params as arguments.
     rows, acc_rows = [], []
     t0 = time.time()
     for i, sigma in enumerate(cfg["sigmas"]):
         bar.set_postfix_str(f"A at sigma={sigma:g}")
-        defended = functools.partial(noisy_out, level=jnp.float32(sigma))
+        defended = pytree.compiled(output_noise(clean, jnp.float32(sigma)))
         noise = stats.measure_factor_noise(defended, samples, jax.random.fold_in(k_noise, i), cfg["draws"])
         row = stats.compare_factor(samples, noise, sigma, cfg["small"], cfg["eps_n"])
         snr_t1 = t1["mean_dF"] ** 2 / (2 * sigma**2)
@@ -481,15 +480,12 @@ def main(argv=None) -> dict:
     dim = int(np.prod(cfg["image_shape"]))
     for j, layer in enumerate(cfg["layers"]):
         nu_star = float(mu / math.sqrt(2.0) * np.median(np.sqrt(sq["input"] / np.maximum(sq[layer], 1e-30))))
-        if layer == "input":
-            noisy = jax.jit(lambda x, keys, level: input_noise(clean, level)(x, keys))
-        else:
-            noisy = jax.jit(lambda x, keys, level, layer=layer: feature_noise(
-                model, params, {layer: level}, cfg["image_shape"])(x, keys))
         for c in cfg["nu_rel"]:
             nu = c * nu_star
             bar.set_postfix_str(f"sign flips {layer} nu={nu:.3g}")
-            defended = functools.partial(noisy, level=jnp.float32(nu))
+            level = jnp.float32(nu)
+            defended = pytree.compiled(input_noise(clean, level) if layer == "input" else
+                                       feature_noise(model, params, {layer: level}, cfg["image_shape"]))
             meas = stats.sign_flip_rates(clean_j, defended, xs, ys, k_flip_dirs, mu, cfg["flip_dirs"],
                                          cfg["flip_draws"])
             pred = stats.flip_predictions(sq, values, mu, layer, nu, h=meas["h"], dim=dim)

@@ -42,7 +42,7 @@ def accuracy_fn(model, params, family: str, images, labels, key, draws: int, **o
     n = len(labels)
 
     @jax.jit
-    def acc(level, images, labels):  # data as arguments: closed-over arrays would be constant-folded
+    def acc(level, images, labels, params):  # arrays as arguments: closed-over arrays would be compiled in
         scorer = build_defense(family, model, params, level, shape, **options)
 
         def one(d):
@@ -51,7 +51,7 @@ def accuracy_fn(model, params, family: str, images, labels, key, draws: int, **o
 
         return jnp.mean(jax.lax.map(one, jnp.arange(draws)))
 
-    return lambda level: acc(level, images, labels)
+    return lambda level: acc(level, images, labels, params)
 
 
 def calibrate(model, params, family: str, target_drop: float, images, labels, key, draws: int = 20,

@@ -15,6 +15,11 @@ key and the key it hands to the scorer it wraps, so composed defenses draw indep
 Parameters are validated when the defense is built (plain Python, before any tracing), and a zero
 noise level returns the wrapped scorer itself, so it answers exactly the clean scores.
 
+Every scorer built here is a pytree (a :class:`jax.tree_util.Partial` of a module-level function):
+the model's params are its leaves, the levels and options its static part, so a compiled attack
+receives the params as arguments (:mod:`rnd_jax.pytree`). Any other callable ``(x, keys) -> probs``
+is a scorer too (its closed-over arrays are then compiled in as constants).
+
 Implemented here:
 
 - :func:`output_noise` on probabilities (Aithal & Li 2022, Sec. III-A and IV-B): ``F(x) + sigma*v``
@@ -44,6 +49,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
 
 Scorer = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -54,16 +61,26 @@ def _traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def _array(value) -> bool:
+    """A level given as a 0-d array: it stays an array, a leaf that a compiled program takes as argument."""
+    return isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
+
+
 def _is_zero(value) -> bool:
-    """True for a concrete zero level (the defense is then the identity); False when traced."""
-    return not _traced(value) and value == 0.0
+    """True for a concrete zero level given as a Python number (the defense is then the identity).
+
+    A level given as an array (or traced) is never treated as zero, so the scorer keeps one structure
+    for every level (one compiled program for a sweep); at 0 it then adds zero noise.
+    """
+    return not _traced(value) and not _array(value) and value == 0.0
 
 
 def check_level(name: str, value) -> float:
     """Validate a noise level: a finite real number >= 0. Returns it as a Python float.
 
     A traced level (a defense built inside ``jit``/``vmap``, e.g. to sweep or bisect the level
-    without recompiling) is returned as is: validate the concrete values before tracing.
+    without recompiling) is returned as is: validate the concrete values before tracing. A concrete
+    0-d array is validated and returned as an array (a program argument, :mod:`rnd_jax.pytree`).
     """
     if _traced(value):
         return value
@@ -73,17 +90,21 @@ def check_level(name: str, value) -> float:
         raise ValueError(f"{name} must be a real number >= 0, got {value!r}") from None
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
+    return value if _array(value) else v
+
+
+def _model_scores(model, params, x, keys):
+    del keys
+    return jax.nn.softmax(model.apply({"params": params}, x), axis=-1)
 
 
 def model_scorer(model, params) -> Scorer:
-    """The clean scorer of a Flax classifier returning logits: ``softmax(model.apply(x))``."""
+    """The clean scorer of a Flax classifier returning logits: ``softmax(model.apply(x))``.
 
-    def scores(x, keys):
-        del keys
-        return jax.nn.softmax(model.apply({"params": params}, x), axis=-1)
-
-    return scores
+    A pytree (:mod:`rnd_jax.pytree`): ``params`` are its leaves, so a compiled attack receives them as
+    arguments instead of compiling them in.
+    """
+    return Partial(_model_scores, model, params)
 
 
 def _split_keys(keys):
@@ -113,17 +134,17 @@ def output_noise(scorer: Scorer, sigma, space: str = "probs", postprocess: bool 
         raise ValueError(f"output-noise postprocess must be a bool, got {postprocess!r}")
     if _is_zero(sigma):
         return scorer
+    return Partial(_output_noise, scorer, sigma, space, postprocess)
 
-    def scores(x, keys):
-        mine, inner = _split_keys(keys)
-        p = scorer(x, inner)
-        v = _normal(mine, p.shape[1:], p.dtype)
-        if space == "probs":
-            return jnp.minimum(jnp.abs(p + sigma * v), 1.0) if postprocess else p + sigma * v
-        logp = jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
-        return jax.nn.softmax(logp + sigma * v, axis=-1)
 
-    return scores
+def _output_noise(scorer, sigma, space, postprocess, x, keys):
+    mine, inner = _split_keys(keys)
+    p = scorer(x, inner)
+    v = _normal(mine, p.shape[1:], p.dtype)
+    if space == "probs":
+        return jnp.minimum(jnp.abs(p + sigma * v), 1.0) if postprocess else p + sigma * v
+    logp = jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+    return jax.nn.softmax(logp + sigma * v, axis=-1)
 
 
 def _check_beta(scale):
@@ -149,19 +170,19 @@ def input_noise(scorer: Scorer, nu, clip: bool = False, scale=None) -> Scorer:
     scale = _check_beta(scale)
     if _is_zero(nu):
         return scorer
+    return Partial(_input_noise, scorer, nu, clip, scale)
 
-    def scores(x, keys):
-        mine, inner = _split_keys(keys)
-        eta = _normal(mine, x.shape[1:], x.dtype)
-        if scale is not None:
-            k = jax.vmap(lambda kk: jax.random.beta(jax.random.fold_in(kk, 1), scale[0], scale[1]))(mine)
-            eta = eta * k.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        xn = x + nu * eta
-        if clip:
-            xn = jnp.clip(xn, 0.0, 1.0)
-        return scorer(xn, inner)
 
-    return scores
+def _input_noise(scorer, nu, clip, scale, x, keys):
+    mine, inner = _split_keys(keys)
+    eta = _normal(mine, x.shape[1:], x.dtype)
+    if scale is not None:
+        k = jax.vmap(lambda kk: jax.random.beta(jax.random.fold_in(kk, 1), scale[0], scale[1]))(mine)
+        eta = eta * k.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    xn = x + nu * eta
+    if clip:
+        xn = jnp.clip(xn, 0.0, 1.0)
+    return scorer(xn, inner)
 
 
 def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
@@ -172,7 +193,7 @@ def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
     per-image ``(H, W, C)``, used to find the marked layers and their shapes. This is a base
     scorer (it replaces :func:`model_scorer`); other defenses compose on top of it.
     """
-    from rnd_jax.models import PERTURBATIONS, feature_shapes
+    from rnd_jax.models import feature_shapes
 
     shapes = feature_shapes(model, tuple(input_shape))
     names = list(shapes)
@@ -191,20 +212,23 @@ def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
     clean = model_scorer(model, params)
     if not active:
         return clean
+    return Partial(_feature_noise, model, params, tuple(names), tuple(active), {n: levels[n] for n in active},
+                   {n: tuple(shapes[n]) for n in names})
 
-    def scores(x, keys):
-        mine, _ = _split_keys(keys)
-        pert = {}
-        for i, n in enumerate(names):
-            if n in active:
-                k = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(mine)
-                pert[n] = levels[n] * _normal(k, shapes[n], x.dtype)
-            else:
-                pert[n] = jnp.zeros((x.shape[0],) + shapes[n], x.dtype)
-        logits = model.apply({"params": params, PERTURBATIONS: pert}, x)
-        return jax.nn.softmax(logits, axis=-1)
 
-    return scores
+def _feature_noise(model, params, names, active, levels, shapes, x, keys):
+    from rnd_jax.models import PERTURBATIONS
+
+    mine, _ = _split_keys(keys)
+    pert = {}
+    for i, n in enumerate(names):
+        if n in active:
+            k = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(mine)
+            pert[n] = levels[n] * _normal(k, shapes[n], x.dtype)
+        else:
+            pert[n] = jnp.zeros((x.shape[0],) + shapes[n], x.dtype)
+    logits = model.apply({"params": params, PERTURBATIONS: pert}, x)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def quantize(scorer: Scorer, bits) -> Scorer:
@@ -215,12 +239,11 @@ def quantize(scorer: Scorer, bits) -> Scorer:
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"quantization bits must be an int in 1..16, got {bits!r}")
-    levels = float(2 ** bits - 1)
+    return Partial(_quantize, scorer, float(2 ** bits - 1))
 
-    def scores(x, keys):
-        return jnp.round(scorer(x, keys) * levels) / levels
 
-    return scores
+def _quantize(scorer, levels, x, keys):
+    return jnp.round(scorer(x, keys) * levels) / levels
 
 
 def correlated_noise(scorer: Scorer, alpha, sigma=0.0) -> Scorer:
@@ -231,16 +254,16 @@ def correlated_noise(scorer: Scorer, alpha, sigma=0.0) -> Scorer:
     """
     alpha = check_level("alpha", alpha)
     sigma = check_level("sigma", sigma)
+    return Partial(_correlated_noise, scorer, alpha, sigma, _is_zero(sigma))
 
-    def scores(x, keys):
-        mine, inner = _split_keys(keys)
-        p = scorer(x, inner)
-        v = alpha * p
-        if not _is_zero(sigma):
-            v = v + sigma * _normal(mine, p.shape[1:], p.dtype)
-        return jnp.minimum(jnp.abs(p + v), 1.0)
 
-    return scores
+def _correlated_noise(scorer, alpha, sigma, no_noise, x, keys):
+    mine, inner = _split_keys(keys)
+    p = scorer(x, inner)
+    v = alpha * p
+    if not no_noise:
+        v = v + sigma * _normal(mine, p.shape[1:], p.dtype)
+    return jnp.minimum(jnp.abs(p + v), 1.0)
 
 
 def resize_pad(scorer: Scorer, max_extra) -> Scorer:
@@ -255,7 +278,10 @@ def resize_pad(scorer: Scorer, max_extra) -> Scorer:
         raise ValueError(f"resize_pad max_extra must be an int >= 0 (pixels), got {max_extra!r}")
     if max_extra == 0:
         return scorer
+    return Partial(_resize_pad, scorer, max_extra)
 
+
+def _resize_pad(scorer, max_extra, x, keys):
     def one(img, key):
         h, w, c = img.shape
         big = (h + max_extra, w + max_extra, c)
@@ -274,11 +300,8 @@ def resize_pad(scorer: Scorer, max_extra) -> Scorer:
         padded = jax.lax.switch(r, [branch(i) for i in range(max_extra + 1)], off)
         return jax.image.resize(padded, (h, w, c), "bilinear")
 
-    def scores(x, keys):
-        mine, inner = _split_keys(keys)
-        return scorer(jax.vmap(one)(x, mine), inner)
-
-    return scores
+    mine, inner = _split_keys(keys)
+    return scorer(jax.vmap(one)(x, mine), inner)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,8 @@ the ones of the paper it reproduces (:mod:`rnd_jax.grids`).
 - **Clean accuracy of the defended model** on the whole test split: expected over the defense's
   noise (mean of ``acc_draws = 40`` independent draws) and the worst of those draws.
 
-Nothing here jits: callers jit the functions returned by :func:`make_runner` once, at the top.
+Callers compile the runners of :func:`make_runner` once, at the top, with :func:`compile_runner` (the
+runner's params and pools become program arguments; :mod:`rnd_jax.pytree`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.driver import STOP_RULES, Attack, Result, StopRule, run, run_one, validate
+from rnd_jax import pytree
 from rnd_jax.defenses import Scorer
 from rnd_jax.oracle import Oracle, query_keys
 
@@ -113,12 +116,19 @@ class Selection(NamedTuple):
 
 
 def predict(scorer: Scorer, images, keys=None, batch_size: int = 2048) -> np.ndarray:
-    """Top-1 classes of ``scorer`` over ``images`` in batches (keys: one per image, or None)."""
+    """Top-1 classes of ``scorer`` over ``images`` in batches (keys: one per image, or None).
+
+    Compiled once per scorer structure and batch shape, with the scorer's arrays as arguments.
+    """
     out = []
     for s in range(0, len(images), batch_size):
         k = None if keys is None else keys[s:s + batch_size]
-        out.append(np.asarray(jnp.argmax(scorer(jnp.asarray(images[s:s + batch_size]), k), -1)))
+        out.append(np.asarray(pytree.call(Partial(_top1, scorer), jnp.asarray(images[s:s + batch_size]), k)))
     return np.concatenate(out).astype(np.int32)
+
+
+def _top1(scorer, x, keys):
+    return jnp.argmax(scorer(x, keys), -1)
 
 
 def select_images(key, clean: Scorer, images, labels, n: int, targeted: bool, num_classes: int,
@@ -185,21 +195,22 @@ def check_success(defended: Scorer, x_adv, labels, targets, check_keys, targeted
 
 
 def make_runner(attack: Attack, oracle: Oracle, clean: Scorer, protocol: Protocol, rule=None):
-    """The pure function to jit: ``(x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``.
+    """The pure function to compile: ``(x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``.
 
     The attack runs under ``protocol.stop`` (``rule``: an optional, possibly traced, index into
-    :data:`rnd_jax.attacks.driver.STOP_RULES` that overrides the protocol's rule).
+    :data:`rnd_jax.attacks.driver.STOP_RULES` that overrides the protocol's rule). A pytree
+    (:mod:`rnd_jax.pytree`) whose leaves are the arrays of the attack, the oracle and the clean scorer:
+    compile it with ``pytree.jit`` so they are program arguments, not constants.
     """
+    return Partial(_runner, attack, oracle, clean, protocol, rule)
 
-    def runner(x0, labels, targets, ka, kd, kc):
-        res: Result = run(attack, oracle, x0, labels, targets, ka, kd, protocol.budget, stop=protocol.stop,
-                          check_keys=kc, clean=clean, rule=rule)
-        votes = check_success(oracle.scorer, res.x_adv, labels, targets, kc, attack.targeted,
-                              protocol.check_queries)
-        clean_pred = jnp.argmax(clean(res.x_adv, None), -1)
-        return res, votes, clean_pred
 
-    return runner
+def _runner(attack, oracle, clean, protocol, rule, x0, labels, targets, ka, kd, kc):
+    res: Result = run(attack, oracle, x0, labels, targets, ka, kd, protocol.budget, stop=protocol.stop,
+                      check_keys=kc, clean=clean, rule=rule)
+    votes = check_success(oracle.scorer, res.x_adv, labels, targets, kc, attack.targeted, protocol.check_queries)
+    clean_pred = jnp.argmax(clean(res.x_adv, None), -1)
+    return res, votes, clean_pred
 
 
 def defended_accuracy(defended: Scorer, images, labels, key, draws: int, clean_pred=None):
@@ -246,33 +257,33 @@ class QueryTap:
 
 def tap_scorer(defended: Scorer, clean: Scorer, tap: QueryTap) -> Scorer:
     """``defended`` that also reports each query batch (defended and clean classes, points) to ``tap``."""
+    return Partial(_tapped_scores, defended, clean, tap)
 
-    def scores(x, keys):
-        p = defended(x, keys)
-        jax.debug.callback(tap.record, jnp.argmax(p, -1), jnp.argmax(clean(x, None), -1), x, ordered=True)
-        return p
 
-    return scores
+def _tapped_scores(defended, clean, tap, x, keys):
+    p = defended(x, keys)
+    jax.debug.callback(tap.record, jnp.argmax(p, -1), jnp.argmax(clean(x, None), -1), x, ordered=True)
+    return p
 
 
 def make_tapped_runner(attack: Attack, defended_at, clean: Scorer, protocol: Protocol, tap: QueryTap):
-    """The pure function to jit for ONE image: ``(level, x0, label, target, ka, kd, kc) -> (Result, vote, clean_pred)``.
+    """The pure function to compile for ONE image: ``(level, x0, label, target, ka, kd, kc) -> (Result, vote, clean_pred)``.
 
     ``defended_at(level)`` builds the defended scorer (``level`` may be traced). The attack asks through
     :func:`tap_scorer`; the stop rule's and the protocol's checks ask the untapped defended scorer, so
-    ``tap`` sees exactly the attack's queries.
+    ``tap`` sees exactly the attack's queries. A pytree, as :func:`make_runner`.
     """
+    return Partial(_tapped_runner, attack, defended_at, clean, protocol, tap)
 
-    def runner(level, x0, label, target, ka, kd, kc):
-        defended = defended_at(level)
-        oracle = Oracle(tap_scorer(defended, clean, tap), attack.output)
-        res = run_one(attack, oracle, x0, label, target, ka, kd, protocol.budget, stop=protocol.stop,
-                      check_key=kc, clean=clean, checker=defended)
-        vote = check_success(defended, res.x_adv[None], label[None], target[None], kc[None], attack.targeted,
-                             protocol.check_queries)[0]
-        return res, vote, jnp.argmax(clean(res.x_adv[None], None), -1)[0]
 
-    return runner
+def _tapped_runner(attack, defended_at, clean, protocol, tap, level, x0, label, target, ka, kd, kc):
+    defended = defended_at(level)
+    oracle = Oracle(tap_scorer(defended, clean, tap), attack.output)
+    res = run_one(attack, oracle, x0, label, target, ka, kd, protocol.budget, stop=protocol.stop,
+                  check_key=kc, clean=clean, checker=defended)
+    vote = check_success(defended, res.x_adv[None], label[None], target[None], kc[None], attack.targeted,
+                         protocol.check_queries)[0]
+    return res, vote, jnp.argmax(clean(res.x_adv[None], None), -1)[0]
 
 
 def run_tapped(runner, tap: QueryTap, sel: Selection, keys, protocol: Protocol, level=0.0):
@@ -410,10 +421,31 @@ def evaluate_cell(attack: Attack, defended: Scorer, clean: Scorer, sel: Selectio
     """
     oracle = Oracle(defended, output or attack.output)
     validate_selection(attack, oracle, protocol, sel)
-    runner = jax.jit(make_runner(attack, oracle, clean, protocol))
+    runner = compile_runner(make_runner(attack, oracle, clean, protocol))
     if compiler_options:
         runner = runner.lower(*cell_inputs(sel, keys)).compile(compiler_options=compiler_options)
     return run_cell(runner, sel, keys, protocol, budgets)
+
+
+def compile_runner(runner):
+    """A runner of :func:`make_runner` / :func:`make_tapped_runner`, compiled with its arrays as arguments.
+
+    Returns ``f(*inputs)`` (with ``f.lower(*inputs)``); runners of the same structure share one program.
+    """
+    compiled = pytree.jit(_apply)
+
+    class Bound:
+        def __call__(self, *args):
+            return compiled(runner, *args)
+
+        def lower(self, *args):
+            return compiled.lower(runner, *args)
+
+    return Bound()
+
+
+def _apply(fn, *args):
+    return fn(*args)
 
 
 def cell_inputs(sel: Selection, keys):

@@ -16,7 +16,10 @@ stream, and any run is a deterministic function of (attack key, defense key).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import threading
 from typing import NamedTuple
 
 import jax
@@ -40,9 +43,13 @@ def query_keys(defense_key, first_query, n: int):
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(defense_key, q)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scorer"], meta_fields=["output"])
 @dataclasses.dataclass(frozen=True)
 class Oracle:
-    """A scorer seen through an output type. ``oracle.bind(key, q0)(x)`` answers queries."""
+    """A scorer seen through an output type. ``oracle.bind(key, q0)(x)`` answers queries.
+
+    A pytree whose leaves are the scorer's arrays (:mod:`rnd_jax.pytree`).
+    """
 
     scorer: Scorer
     output: str = "scores"
@@ -119,6 +126,65 @@ class BoundOracle:
         if x.ndim != 4:
             raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
         return self._oracle.query(self._key, self._first + offset, x)
+
+
+# ----------------------------------------------------------------------------- live points
+
+_LIVE = threading.local()
+
+
+def live():
+    """At trace time: the predicate "the points asked here are really asked" (``None``: always).
+
+    Under ``vmap`` a ``lax.while_loop`` runs its body for every image while any image's loop goes on,
+    and a ``lax.cond`` with a batched predicate runs both branches: points of images whose loop has
+    ended (or of the branch not taken) are computed and discarded. The driver and the attacks build
+    their loops with :func:`live_while` and :func:`live_cond`, which record, while their body is
+    traced, the per-image predicate under which it really runs. A scorer that costs real time or money
+    per point (a foreign model, :mod:`rnd_jax.foreign`) reads it and sends only the live points.
+    """
+    stack = getattr(_LIVE, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def _living(pred):
+    outer = live()
+    pred = jnp.asarray(pred, bool)
+    if outer is not None:
+        pred = pred & outer
+    if not hasattr(_LIVE, "stack"):
+        _LIVE.stack = []
+    _LIVE.stack.append(pred)
+    try:
+        yield
+    finally:
+        _LIVE.stack.pop()
+
+
+def live_while(cond, body, init):
+    """``jax.lax.while_loop(cond, body, init)`` whose body's points are live only while ``cond`` holds."""
+
+    def wrapped(c):
+        with _living(cond(c)):
+            return body(c)
+
+    return jax.lax.while_loop(cond, wrapped, init)
+
+
+def live_cond(pred, true_fn, false_fn, *operands):
+    """``jax.lax.cond`` whose branches' points are live only when the branch is the one taken."""
+    pred = jnp.asarray(pred, bool)
+
+    def t(*a):
+        with _living(pred):
+            return true_fn(*a)
+
+    def f(*a):
+        with _living(~pred):
+            return false_fn(*a)
+
+    return jax.lax.cond(pred, t, f, *operands)
 
 
 class QueryCounter:

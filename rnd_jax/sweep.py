@@ -95,22 +95,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from jax.tree_util import Partial
 from jax.sharding import PartitionSpec as P
 
-from rnd_jax import data, models, train
+from rnd_jax import data, models, pytree, train
 from rnd_jax.attacks import ATTACKS, Context, get_spec
 from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
 from rnd_jax.calibrate import calibrate
 from rnd_jax.defenses import DEFENSES, build_defense, check_level, model_scorer
-from rnd_jax.evaluate import (Protocol, QueryTap, defended_accuracy, image_keys, make_runner, make_tapped_runner,
-                              per_image, run_tapped, select_images, successes, summarize, validate_selection)
+from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, defended_accuracy, image_keys, make_runner,
+                              make_tapped_runner, per_image, run_tapped, select_images, successes, summarize,
+                              validate_selection)
 from rnd_jax.evaluate import predict as evaluate_predict
 from rnd_jax.oracle import Oracle
 
@@ -642,7 +644,6 @@ class Sweeper:
         self.cache_dir, self.data_dir, self.progress = cache_dir, data_dir, progress
         self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("images",))
         self._models, self._sel, self._calib, self._acc, self._runners, self._ctx = {}, {}, {}, {}, {}, {}
-        self._jitted, self._acc_fns = {}, {}
 
     @property
     def n_devices(self) -> int:
@@ -657,7 +658,6 @@ class Sweeper:
                                                 data_dir=self.data_dir, progress=self.progress)
             x, y = data.load(c["dataset"], "test", data_dir=self.data_dir)
             self._models[k] = (model, params, model_scorer(model, params), x, y)
-            self._jitted[k] = jax.jit(model_scorer(model, params))
         return self._models[k]
 
     def context(self, c: dict, needs) -> Context:
@@ -678,8 +678,7 @@ class Sweeper:
         pool, balanced = p.get("pool", "correct"), p.get("balanced", False)
         k = (c["dataset"], c["model"], c["train_seed"], c["seed"], c["targeted"], c["n_images"], pool, balanced)
         if k not in self._sel:
-            _, _, _, x, y = self.model(c)
-            clean = self._jitted[k[:3]]
+            _, _, clean, x, y = self.model(c)
             k_data = _streams(c["seed"])[1]
             self._sel[k] = select_images(k_data, clean, x, y, c["n_images"], c["targeted"],
                                          data.info(c["dataset"]).num_classes, pool=pool, balanced=balanced)
@@ -707,19 +706,13 @@ class Sweeper:
         k = (c["dataset"], c["model"], c["train_seed"], c["seed"], d["name"], level,
              json.dumps(d["options"], sort_keys=True), c["protocol"]["acc_draws"])
         if k not in self._acc:
-            model, params, _, x, y = self.model(c)
-            mk = (c["dataset"], c["model"], c["train_seed"])
-            clean_acc = float(np.mean(evaluate_predict(self._jitted[mk], x) == y))
-            traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
-            fk = mk + (d["name"], json.dumps(d["options"], sort_keys=True), None if traced else json.dumps(level))
-            if fk not in self._acc_fns:
-                shape = tuple(np.shape(x)[1:])
-                fixed = 0.0 if d["name"] == "none" else level
-                self._acc_fns[fk] = jax.jit(lambda lvl, xx, keys: build_defense(
-                    d["name"], model, params, lvl if traced else fixed, shape, **d["options"])(xx, keys))
-            fn, lvl = self._acc_fns[fk], np.float32(level if traced else 0.0)
-            accs, flips = defended_accuracy(lambda xx, keys: fn(lvl, xx, keys), x, y, _streams(c["seed"])[3],
-                                            c["protocol"]["acc_draws"], clean_pred=evaluate_predict(self._jitted[mk], x))
+            model, params, clean, x, y = self.model(c)
+            clean_pred = evaluate_predict(clean, x)
+            clean_acc = float(np.mean(clean_pred == y))
+            spec = self._defense_spec(c, level)
+            lvl = np.float32(level if spec.traced else 0.0)
+            accs, flips = defended_accuracy(Partial(_defended_scores, spec, lvl), x, y, _streams(c["seed"])[3],
+                                            c["protocol"]["acc_draws"], clean_pred=clean_pred)
             self._acc[k] = {"acc_clean": clean_acc, "acc_defended_mean": float(accs.mean()),
                             "acc_defended_worst": float(accs.min()), "p_mis_clean": float(flips.mean())}
         return self._acc[k]
@@ -729,6 +722,14 @@ class Sweeper:
         d = c["defense"]
         lvl = 0.0 if d["name"] == "none" else level
         return build_defense(d["name"], model, params, lvl, tuple(np.shape(x)[1:]), **d["options"])
+
+    def _defense_spec(self, c: dict, level) -> "DefenseAt":
+        """The cell's defense as a pytree (params as leaves) built at a level given at run time."""
+        model, params, _, x, _ = self.model(c)
+        d = c["defense"]
+        traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
+        fixed = 0.0 if d["name"] == "none" else level
+        return DefenseAt(d["name"], model, params, fixed, tuple(np.shape(x)[1:]), dict(d["options"]), traced)
 
     def attack(self, c: dict):
         spec = get_spec(c["attack"]["name"])
@@ -744,43 +745,33 @@ class Sweeper:
                         pool=p.get("pool", "correct"), balanced=p.get("balanced", False))
 
     def runner(self, c: dict, attack, protocol: Protocol, level, n_pad: int):
-        """The jitted, sharded ``(level, x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``."""
-        d = c["defense"]
-        traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
+        """The compiled, sharded ``(level, x0, labels, targets, ka, kd, kc) -> (Result, votes, clean_pred)``.
+
+        The attack's pools, the model's params and the defense travel as arguments of the program
+        (:mod:`rnd_jax.pytree`); the level too, for calibratable defenses, so one program serves every level.
+        """
+        spec = self._defense_spec(c, level)
         k = (c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True), c["targeted"],
-             d["name"], json.dumps(d["options"], sort_keys=True), None if traced else json.dumps(level),
+             spec.name, json.dumps(spec.options, sort_keys=True), None if spec.traced else json.dumps(level),
              protocol, n_pad)
         if k not in self._runners:
-            model, params, clean, x, _ = self.model(c)
-            shape = tuple(np.shape(x)[1:])
-
-            def fn(lvl, x0, labels, targets, ka, kd, kc):
-                use = lvl if traced else (0.0 if d["name"] == "none" else level)
-                defended = build_defense(d["name"], model, params, use, shape, **d["options"])
-                keys = [jax.random.wrap_key_data(kk) for kk in (ka, kd, kc)]
-                return make_runner(attack, Oracle(defended, attack.output), clean, protocol)(x0, labels, targets,
-                                                                                             *keys)
-
-            self._runners[k] = jax.jit(fn, out_shardings=NamedSharding(self.mesh, P()))
+            _, _, clean, _, _ = self.model(c)
+            compiled = pytree.jit(_sweep_runner, out_shardings=NamedSharding(self.mesh, P()))
+            bundle = pytree.place((attack, spec, clean, protocol), NamedSharding(self.mesh, P()))
+            self._runners[k] = lambda *args: compiled(bundle, *args)
         return self._runners[k]
 
     def tapped_runner(self, c: dict, attack, protocol: Protocol, level):
-        """The jitted one-image runner of a tapped cell (``protocol.tap``) and its :class:`QueryTap`."""
-        d = c["defense"]
-        traced = d["name"] != "none" and DEFENSES[d["name"]].calibratable
+        """The compiled one-image runner of a tapped cell (``protocol.tap``) and its :class:`QueryTap`."""
+        spec = self._defense_spec(c, level)
         k = ("tap", c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True),
-             c["targeted"], d["name"], json.dumps(d["options"], sort_keys=True),
-             None if traced else json.dumps(level), protocol)
+             c["targeted"], spec.name, json.dumps(spec.options, sort_keys=True),
+             None if spec.traced else json.dumps(level), protocol)
         if k not in self._runners:
-            model, params, clean, x, _ = self.model(c)
-            shape = tuple(np.shape(x)[1:])
-
-            def defended_at(lvl):
-                use = lvl if traced else (0.0 if d["name"] == "none" else level)
-                return build_defense(d["name"], model, params, use, shape, **d["options"])
-
+            _, _, clean, _, _ = self.model(c)
             tap = QueryTap()
-            self._runners[k] = (jax.jit(make_tapped_runner(attack, defended_at, clean, protocol, tap)), tap)
+            runner = make_tapped_runner(attack, Partial(_defended_at, spec), clean, protocol, tap)
+            self._runners[k] = (compile_runner(runner), tap)
         return self._runners[k]
 
     def _place(self, arrays, n_pad: int):
@@ -832,6 +823,34 @@ class Sweeper:
         return {"id": cell.id, "label": cell.label, "cell": c, "level": level, "calibration": calib,
                 "attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost), "metrics": metrics,
                 "defended": self.defended_accuracy(c, level), "images": images}
+
+
+class DefenseAt(NamedTuple):
+    """A cell's defense, to build inside the compiled program (``params`` are pytree leaves)."""
+
+    name: str
+    model: Any
+    params: Any
+    fixed: Any  # the level when it is not traced
+    shape: tuple
+    options: dict
+    traced: bool  # the level is a run-time argument (calibratable families)
+
+
+def _defended_at(spec: DefenseAt, lvl):
+    return build_defense(spec.name, spec.model, spec.params, lvl if spec.traced else spec.fixed, spec.shape,
+                         **spec.options)
+
+
+def _defended_scores(spec: DefenseAt, lvl, x, keys):
+    return _defended_at(spec, lvl)(x, keys)
+
+
+def _sweep_runner(bundle, lvl, x0, labels, targets, ka, kd, kc):
+    attack, spec, clean, protocol = bundle
+    defended = _defended_at(spec, lvl)
+    keys = [jax.random.wrap_key_data(kk) for kk in (ka, kd, kc)]
+    return make_runner(attack, Oracle(defended, attack.output), clean, protocol)(x0, labels, targets, *keys)
 
 
 def success_key(kind: str) -> str:

@@ -38,6 +38,7 @@ Attacker countermeasures are configs, not code forks (see :mod:`rnd_jax.grids`):
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import Context, make_attack
@@ -130,15 +131,16 @@ def eot(attack: Attack, m: int) -> Attack:
     if m == 1:
         return attack
 
-    def step(state, oracle):
-        new, info = attack.step(state, RepeatedOracle(oracle, m))
-        dynamic = getattr(info, "queries", None)
-        if dynamic is not None:
-            info = info._replace(queries=jnp.asarray(dynamic, jnp.int32) * m)
-        return new, info
-
-    return Attack(init=attack.init, step=step, cost=attack.cost * m, output=attack.output, targeted=attack.targeted,
+    return Attack(init=attack.init, step=Partial(_eot_step, attack.step, m), cost=attack.cost * m, output=attack.output, targeted=attack.targeted,
                   checks=attack.checks * m)
+
+
+def _eot_step(inner, m, state, oracle):
+    new, info = inner(state, RepeatedOracle(oracle, m))
+    dynamic = getattr(info, "queries", None)
+    if dynamic is not None:
+        info = info._replace(queries=jnp.asarray(dynamic, jnp.int32) * m)
+    return new, info
 
 
 def make_adaptive(name: str, ctx: Context | None = None, m: int = 1, **config) -> Attack:

@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnd_jax.oracle import Oracle, query_keys
+from rnd_jax.oracle import Oracle, live_while, query_keys
 
 STOP_RULES = ("single", "verified", "clean")
 NORMS = ("linf", "l2")
@@ -221,7 +221,7 @@ def run_if(pred, fn, operand):
         _, x = c
         return jnp.zeros((), bool), fn(x)
 
-    _, out = jax.lax.while_loop(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
+    _, out = live_while(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
     return out
 
 
@@ -335,7 +335,7 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
         return c._replace(state=state, queries=queries, trace_queries=tq, trace_loss=tl, claimed=claimed,
                           rejected=rejected, claims=c.claims + claimed.astype(jnp.int32), check_queries=n_checks)
 
-    return jax.lax.while_loop(cond, body, carry)
+    return live_while(cond, body, carry)
 
 
 def _spent(attack: Attack, used: int, info):

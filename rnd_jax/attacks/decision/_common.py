@@ -38,8 +38,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.driver import Attack
+from rnd_jax.oracle import live_while
 
 NORMS = ("l2", "linf")
 TINY = 1e-12
@@ -147,7 +149,7 @@ def run_if(pred, fn, operand):
         _, x = c
         return jnp.zeros((), bool), fn(x)
 
-    _, out = jax.lax.while_loop(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
+    _, out = live_while(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
     return out
 
 
@@ -171,7 +173,7 @@ def bisect(oracle, offset, point, lo, hi, tol, max_iter: int, cls, targeted: boo
 
     lo = jnp.asarray(lo, jnp.float32)
     hi = jnp.asarray(hi, jnp.float32)
-    _, lo, hi, offset = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), lo, hi, offset))
+    _, lo, hi, offset = live_while(cond, body, (jnp.zeros((), jnp.int32), lo, hi, offset))
     return lo, hi, offset
 
 
@@ -327,7 +329,7 @@ def ray_search(oracle, offset, x0, theta, lam0, tol, max_scale: int, max_bisect:
             a, off = ask(oracle, off, ray_point(x0, theta, nxt)[None], cls, targeted)
             return k + 1, nxt, lam, a[0] == want_adv, off
 
-        _, lam, prev, reached, off = jax.lax.while_loop(
+        _, lam, prev, reached, off = live_while(
             cond, body, (jnp.zeros((), jnp.int32), lam0, lam0, jnp.zeros((), bool), start))
         return lam, prev, reached, off
 
@@ -386,7 +388,7 @@ def opt_line_search(oracle, offset, x0, theta, g, grad, alpha, tol, cls, targete
         better = g_new < g_best
         return (k + 1, 2.0 * a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off)
 
-    _, alpha, th_best, g_best, _, offset = jax.lax.while_loop(
+    _, alpha, th_best, g_best, _, offset = live_while(
         up_cond, up_body, (jnp.zeros((), jnp.int32), alpha, theta, g, jnp.ones((), bool), offset))
 
     def down_cond(c):
@@ -401,7 +403,7 @@ def opt_line_search(oracle, offset, x0, theta, g, grad, alpha, tol, cls, targete
         return (k + 1, a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off)
 
     def down(c):
-        return jax.lax.while_loop(down_cond, down_body, c)
+        return live_while(down_cond, down_body, c)
 
     improved = g_best < g
     _, alpha, th_best, g_best, _, offset = run_if(
@@ -470,7 +472,7 @@ def ray_attack(cfg, pool, estimate, estimate_cost: int, tolerance=None):
         return RayState(x0, x0, cls, key, z, f, f, f, z, inf, jnp.zeros_like(x0), inf,
                         jnp.asarray(cfg.alpha, jnp.float32), jnp.asarray(cfg.beta, jnp.float32))
 
-    def step(state: RayState, oracle):
+    def step(pool, state: RayState, oracle):
         k_start, k_u = jax.random.split(jax.random.fold_in(state.key, state.step))
         x0, cls = state.x0, state.cls
 
@@ -508,4 +510,4 @@ def ray_attack(cfg, pool, estimate, estimate_cost: int, tolerance=None):
         return st, RayInfo(loss=st.dist, queries=off, g=st.g)
 
     cost = max(cfg.start_candidates + n_start, estimate_cost + cfg.ls_queries)
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return Attack(init=init, step=Partial(step, pool), cost=cost, output="label", targeted=targeted)

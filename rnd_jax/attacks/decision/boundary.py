@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.attacks.driver import Attack
@@ -147,7 +148,7 @@ def boundary_attack(cfg: BoundaryConfig, pool: C.Pool = C.Pool(None, None)) -> A
         n = jnp.minimum(n + 1, window)
         return hits, n, n == window, jnp.sum(hits) / (window * P)
 
-    def step(state: BoundaryState, oracle):
+    def step(pool, state: BoundaryState, oracle):
         k = jax.random.fold_in(state.key, state.step)
         k_start, k_eta = jax.random.split(k)
         x0, cls = state.x0, state.cls
@@ -199,7 +200,7 @@ def boundary_attack(cfg: BoundaryConfig, pool: C.Pool = C.Pool(None, None)) -> A
         return st, BoundaryInfo(loss=st.dist, queries=off, delta=st.delta, epsilon=st.epsilon, spherical=checked)
 
     cost = max(cfg.start_candidates + n_start, 2 * P)
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return Attack(init=init, step=Partial(step, pool), cost=cost, output="label", targeted=targeted)
 
 
 register(AttackSpec(

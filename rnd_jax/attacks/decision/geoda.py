@@ -35,11 +35,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 from jax.scipy.fft import idctn
 
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
+from rnd_jax.oracle import live_while
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,7 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         z, f, inf = jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.asarray(jnp.inf, jnp.float32)
         return GeoDAState(x0, x0, cls, key, z, f, f, f, z, inf, x0, inf, jnp.zeros_like(x0), z)
 
-    def step(state: GeoDAState, oracle):
+    def step(pool, state: GeoDAState, oracle):
         k = jax.random.fold_in(state.key, state.step)
         k_start, k_probe = jax.random.split(k)
         x0, cls = state.x0, state.cls
@@ -151,7 +153,7 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
                 adv, off = C.ask(oracle, off, jnp.clip(xb[None] + cfg.sigma * eta, 0.0, 1.0), cls, targeted)
                 return i + 1, off, w + jnp.tensordot(jnp.where(adv, 1.0, -1.0), eta, axes=1)
 
-            n, off, w_i = jax.lax.while_loop(lambda cc: cc[0] < n_chunks, chunk_body,
+            n, off, w_i = live_while(lambda cc: cc[0] < n_chunks, chunk_body,
                                              (jnp.zeros((), jnp.int32), off, jnp.zeros_like(xb)))
             w = st.w + C.safe_div(w_i, (n * cfg.chunk).astype(jnp.float32))
             direction = C.unit(w)
@@ -167,7 +169,7 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
                                  targeted)
                 return j + 1, adv[0], off
 
-            j, ok, off = jax.lax.while_loop(go_cond, go_body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), off))
+            j, ok, off = live_while(go_cond, go_body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), off))
             x_go = jnp.clip(x0 + j * step_len * direction, 0.0, 1.0)
             x_new, off = C.run_if(ok, lambda cc: to_boundary(*cc), (x_go, off))
             xb_next = jnp.where(ok, x_new, xb)
@@ -183,7 +185,7 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         return st, GeoDAInfo(loss=st.dist, queries=off, probes=probes)
 
     cost = max(cfg.start_candidates, max_chunks * cfg.chunk + cfg.max_go) + n_bisect
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return Attack(init=init, step=Partial(step, pool), cost=cost, output="label", targeted=targeted)
 
 
 register(AttackSpec(

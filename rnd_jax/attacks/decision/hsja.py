@@ -41,10 +41,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
+from rnd_jax.oracle import live_while
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,7 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         theta = cfg.gamma / (dim * math.sqrt(dim)) if norm == "l2" else cfg.gamma / dim ** 2
         return dim, theta, min(C.halvings(theta) + 1, cfg.max_bisect)
 
-    def step(state: HSJAState, oracle):
+    def step(pool, state: HSJAState, oracle):
         dim, theta, n_bisect = params(state.x0.shape)
         k = jax.random.fold_in(state.key, state.step)
         k_start, k_grad = jax.random.split(k)
@@ -158,7 +160,7 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
                 return i + 1, off, s_fu + jnp.tensordot(f, u, axes=1), s_f + f.sum(), s_u + u.sum(0)
 
             zero = jnp.zeros_like(xb)
-            n, off, s_fu, s_f, s_u = jax.lax.while_loop(
+            n, off, s_fu, s_f, s_u = live_while(
                 lambda cc: cc[0] < n_chunks, chunk_body, (jnp.zeros((), jnp.int32), off, zero, jnp.zeros(()), zero))
             evals = (n * cfg.chunk).astype(jnp.float32)
             mean_f = C.safe_div(s_f, evals)
@@ -178,7 +180,7 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
                 adv, off = C.ask(oracle, off, p[None], cls, targeted)
                 return j + 1, jnp.where(adv[0], xi, 0.5 * xi), adv[0], off
 
-            _, xi, moved, off = jax.lax.while_loop(gs_cond, gs_body,
+            _, xi, moved, off = live_while(gs_cond, gs_body,
                                                    (jnp.zeros((), jnp.int32), xi0, jnp.zeros((), bool), off))
             x_new = jnp.clip(xb + xi * v, 0.0, 1.0)
             # back to the boundary
@@ -198,7 +200,7 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
 
     evals_max = math.ceil(cfg.max_evals / cfg.chunk) * cfg.chunk
     cost = max(cfg.start_candidates, evals_max + cfg.max_halvings + 1) + cfg.max_bisect
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return Attack(init=init, step=Partial(step, pool), cost=cost, output="label", targeted=targeted)
 
 
 

@@ -56,10 +56,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
+from rnd_jax.oracle import live_while
 
 START_HALVINGS = 10
 
@@ -138,7 +140,7 @@ def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -
         return NESLabelOnlyState(x0, x0, cls, key, z, f, f, f, z, inf, x0, inf, jnp.asarray(cfg.lr_max, jnp.float32),
                                  jnp.asarray(cfg.decay, jnp.float32))
 
-    def step(state: NESLabelOnlyState, oracle):
+    def step(pool, state: NESLabelOnlyState, oracle):
         k = jax.random.fold_in(state.key, state.step)
         k_start, k_u, k_mc = jax.random.split(k, 3)
         x0, cls = state.x0, state.cls
@@ -188,7 +190,7 @@ def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -
 
             lr0 = jnp.asarray(cfg.lr_max, jnp.float32)
             f = jnp.zeros((), bool)
-            tries, ok, _, lr, dec, x_new, r_new, off = jax.lax.while_loop(
+            tries, ok, _, lr, dec, x_new, r_new, off = live_while(
                 cond, body, (jnp.zeros((), jnp.int32), f, f, lr0, st.decay, x, st.radius, off))
             # accepted with a shrink: restore the decay; accepted without one: keep it; cut by the cap:
             # continue next step from the decay reached (unless that is 0); search exhausted: start over
@@ -206,7 +208,7 @@ def nes_label_only(cfg: NESLabelOnlyConfig, pool: C.Pool = C.Pool(None, None)) -
         return st, NESLabelOnlyInfo(loss=st.dist, queries=off, proxy=proxy, tries=tries, accepted=accepted)
 
     cost = max(cfg.start_candidates + START_HALVINGS, J * n + cfg.max_tries)
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return Attack(init=init, step=Partial(step, pool), cost=cost, output="label", targeted=targeted)
 
 
 register(AttackSpec(

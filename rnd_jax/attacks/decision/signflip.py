@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.attacks.driver import Attack
@@ -108,7 +109,7 @@ def signflip(cfg: SignFlipConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         return SignFlipState(x0, x0, cls, key, z, f, f, f, z, inf, jnp.zeros_like(x0),
                              jnp.asarray(cfg.alpha, jnp.float32), jnp.full_like(x0, cfg.flip_prob), z, z)
 
-    def step(state: SignFlipState, oracle):
+    def step(pool, state: SignFlipState, oracle):
         k = jax.random.fold_in(state.key, state.step)
         k_start, k_eta, k_flip = jax.random.split(k, 3)
         x0, cls = state.x0, state.cls
@@ -161,7 +162,7 @@ def signflip(cfg: SignFlipConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         return st, SignFlipInfo(loss=st.dist, queries=off, alpha=st.alpha)
 
     cost = max(cfg.start_candidates + START_HALVINGS, 2)
-    return Attack(init=init, step=step, cost=cost, output="label", targeted=targeted)
+    return Attack(init=init, step=Partial(step, pool), cost=cost, output="label", targeted=targeted)
 
 
 # The targeted mode runs (targeted=True), but on 8x8 digits it stalls just above the battery's l_inf

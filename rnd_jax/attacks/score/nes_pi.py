@@ -55,11 +55,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 import numpy as np
 
 from rnd_jax import losses
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
+from rnd_jax.oracle import live_while
 
 INIT_STREAM = 2**31 - 1  # fold_in index of the start-image draw (no step index reaches it)
 DELTA_FLOOR = 2e-3  # an eps decrement below this becomes 0 (reference implementation)
@@ -200,7 +202,8 @@ def nes_pi(cfg: NESPIConfig, pool_images, pool_labels) -> Attack:
     max_asks = lrs * rows
     P = cfg.plateau_length
 
-    def init(key, x0, label, target):
+    def init(pool, key, x0, label, target):
+        pool_images, pool_labels = pool
         x0 = jnp.asarray(x0, jnp.float32)
         start, ok = pick_start(jax.random.fold_in(key, INIT_STREAM), pool_images, pool_labels, target)
         if start.shape != x0.shape:
@@ -240,7 +243,7 @@ def nes_pi(cfg: NESPIConfig, pool_images, pool_labels) -> Attack:
             return lr_next, de_next, asked + 1, found, gave_up
 
         c0 = (max_lr, prop_de0, jnp.zeros((), jnp.int32), jnp.zeros((), bool), skip)
-        lr, de, asked, found, _ = jax.lax.while_loop(cond, body, c0)
+        lr, de, asked, found, _ = live_while(cond, body, c0)
         return candidate(lr, de), de, asked, found
 
     def step(state: NESPIState, oracle):
@@ -284,7 +287,7 @@ def nes_pi(cfg: NESPIConfig, pool_images, pool_labels) -> Attack:
             n_recent=keep(state.n_recent, n_recent))
         return new, NESPIInfo(loss=loss, queries=asked, eps_t=new.eps_t, visible=n_vis.astype(jnp.int32))
 
-    return Attack(init=init, step=step, cost=1 + J + max_asks, output="top1", targeted=True, checks=1)
+    return Attack(init=Partial(init, (pool_images, pool_labels)), step=step, cost=1 + J + max_asks, output="top1", targeted=True, checks=1)
 
 
 def _build(cfg: NESPIConfig, ctx) -> Attack:

@@ -74,11 +74,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from rnd_jax import losses
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
 from rnd_jax.attacks.score.nes import is_adversarial, project
+from rnd_jax.oracle import live_cond
 
 NORMS = ("linf", "l2")
 
@@ -179,7 +181,7 @@ def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
     def objective(probs, cls):  # ascended
         return -loss_fn(probs, cls)
 
-    def transfer_prior(x, cls):
+    def transfer_prior(surrogate, x, cls):
         return jax.grad(lambda xs: objective(surrogate(xs[None], None)[0], cls))(x)
 
     def init(key, x0, label, target):
@@ -187,11 +189,11 @@ def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
         cls = jnp.asarray(target if cfg.targeted else label, jnp.int32)
         return PRGFState(x0, x0, cls, key, jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), jnp.float32))
 
-    def step(state: PRGFState, oracle):
+    def step(surrogate, state: PRGFState, oracle):
         x, cls, d = state.x, state.cls, state.x.size
         # One draw for both kinds of random directions: S norm probes, then q search directions.
         z = jax.random.normal(jax.random.fold_in(state.key, state.step), (S + q,) + x.shape, jnp.float32)
-        v = rms_normalize(transfer_prior(x, cls))
+        v = rms_normalize(transfer_prior(surrogate, x, cls))
 
         probs = oracle(jnp.stack([x, x + sigma * v]))
         success = is_adversarial(probs[0], cls, cfg.targeted)
@@ -205,7 +207,7 @@ def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
             fu = objective(oracle.at(2, x + sigma * u), cls)
             return jnp.mean(((fu - fx) / sigma) ** 2)
 
-        norm_sq = jax.lax.cond(refresh, estimate_norm, lambda: state.norm_sq)
+        norm_sq = live_cond(refresh, estimate_norm, lambda: state.norm_sq)
         alpha = (f[1] - fx) / sigma / jnp.maximum(jnp.sqrt(d * norm_sq), 1e-12)
         v = jnp.where(alpha < 0, -v, v)
         alpha = jnp.abs(alpha)
@@ -217,7 +219,7 @@ def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
             fu = objective(oracle.at(2 + S * refresh.astype(jnp.int32), x + sigma * u), cls)
             return jnp.tensordot(fu - fx, u, axes=1) / q
 
-        g = jax.lax.cond(sample, estimate_grad, lambda: v)
+        g = live_cond(sample, estimate_grad, lambda: v)
         move = cfg.step_size * rms_normalize(g) / math.sqrt(d) if cfg.norm == "l2" else cfg.step_size * jnp.sign(g)
         x_new = project(x + move, state.x0, cfg.eps, cfg.norm)
         asked = S * refresh.astype(jnp.int32) + q * sample.astype(jnp.int32)
@@ -225,7 +227,7 @@ def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
                         done=success, norm_sq=norm_sq)
         return new, PRGFInfo(loss=-fx, queries=asked, alpha=alpha, lam=lam)
 
-    return Attack(init=init, step=step, cost=2 + S + q, output="scores", targeted=cfg.targeted)
+    return Attack(init=init, step=Partial(step, surrogate), cost=2 + S + q, output="scores", targeted=cfg.targeted)
 
 
 register(AttackSpec(
