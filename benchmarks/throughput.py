@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown attack(s) {bad}; choose from {sorted(ATTACKS)}")
     try:
         sigmas = [check_level("sigma", s) for s in args.sigmas]
-        ds = dataset_info(args.dataset)
+        ds = dataset_info(args.dataset, args)
     except ValueError as e:
         parser.error(str(e))
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]

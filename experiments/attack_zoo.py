@@ -89,6 +89,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"output-noise std levels on probabilities (default {list(DEFAULT_SIGMAS)}; smoke [0, 1e-2])")
     p.add_argument("--nus", type=float, nargs="+", default=None,
                    help=f"input-noise std levels (default {list(DEFAULT_NUS)}; smoke [0])")
+    p.add_argument("--eps-linf", type=float, default=None,
+                   help="radius of the l_inf attacks (default: the battery's, for 8x8 digits; e.g. 8/255 = 0.0314)")
+    p.add_argument("--eps-l2", type=float, default=None, help="radius of the l2 attacks (default: the battery's)")
     p.add_argument("--targeted", action=argparse.BooleanOptionalAction, default=True,
                    help="targeted attacks (random target != label); --no-targeted for untargeted")
     p.add_argument("--surrogate-seed", type=int, default=1,
@@ -120,10 +123,14 @@ def _placeholder_context(ds) -> Context:
                    surrogate=lambda x, keys: None)
 
 
-def attack_config(name: str, targeted: bool) -> dict:
-    """The attack's battery configuration (norm, eps and overrides) for the goal, without the budget."""
+def attack_config(name: str, targeted: bool, eps: dict | None = None) -> dict:
+    """The attack's battery configuration (norm, eps and overrides) for the goal, without the budget.
+
+    ``eps``: ``{norm: radius}`` replacing the battery's radius of that norm (e.g. 8/255 on CIFAR-10)."""
     cfg = {k: v for k, v in ATTACKS[name].battery.items() if k != "budget"}
     cfg["targeted"] = targeted
+    if eps and eps.get(cfg.get("norm")) is not None:
+        cfg["eps"] = eps[cfg["norm"]]
     return cfg
 
 
@@ -171,7 +178,7 @@ def configure(args) -> dict:
         args.sigmas = [0.0, 1e-2] if args.smoke else list(DEFAULT_SIGMAS)
     if args.nus is None:
         args.nus = [0.0] if args.smoke else list(DEFAULT_NUS)
-    ds = dataset_info(args.dataset)  # ValueError on an unknown dataset
+    ds = dataset_info(args.dataset, args)  # ValueError on an unknown dataset
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
     surrogate_model = args.surrogate_model or model_name
@@ -193,6 +200,9 @@ def configure(args) -> dict:
     _positive_int("--acc-draws", args.acc_draws)
     if args.max_queries is not None:
         _positive_int("--max-queries", args.max_queries)
+    for flag, v in (("--eps-linf", args.eps_linf), ("--eps-l2", args.eps_l2)):
+        if v is not None and not (v > 0 and v < float("inf")):
+            raise ValueError(f"{flag} must be a finite number > 0, got {v}")
     ctx = _placeholder_context(ds)
     runs, skipped = [], []
     for name in names:
@@ -200,7 +210,7 @@ def configure(args) -> dict:
         if not (spec.supports_targeted if args.targeted else spec.supports_untargeted):
             skipped.append(name)
             continue
-        cfg = attack_config(name, args.targeted)
+        cfg = attack_config(name, args.targeted, {"linf": args.eps_linf, "l2": args.eps_l2})
         attack = make_attack(name, ctx, **cfg)  # validates the config; nothing is traced
         budget = args.max_queries or spec.battery["budget"]
         if args.smoke:

@@ -14,19 +14,38 @@ from types import SimpleNamespace
 
 
 def add_model_args(p) -> None:
-    """``--dataset`` and ``--model``, the options naming the attacked model."""
+    """``--dataset``, ``--model`` and ``--weights``, the options naming the attacked model."""
     from rnd_jax import data, models
 
-    p.add_argument("--dataset", default="digits", help=f"one of {data.DATASETS}")
+    p.add_argument("--dataset", default="digits",
+                   help=f"one of {data.DATASETS}, or imagenet (a val subset; needs --weights and --data-dir)")
     p.add_argument("--model", default=None, help=f"one of {sorted(models.MODELS)}; default: the dataset's model")
+    p.add_argument("--weights", default=None,
+                   help="local PyTorch (.pt/.pth/.bin) or .safetensors weights of --model (torchvision / timm / "
+                        "RobustBench naming, rnd_jax.weights) instead of training it")
+    p.add_argument("--imagenet-images", type=int, default=1000,
+                   help="imagenet: size of the class-balanced val subset (its index file is saved beside the data)")
 
 
-def dataset_info(name: str):
-    """``data.info(name)`` for a dataset this experiment can load with ``data.load`` (ValueError otherwise)."""
+def dataset_info(name: str, args=None):
+    """``data.info(name)`` for a dataset this experiment can read (ValueError otherwise, before any work).
+
+    ``imagenet`` needs ``--weights`` (nothing here trains an ImageNet model) and ``--data-dir``; a
+    ``--weights`` file must exist.
+    """
     from rnd_jax import data
 
-    if name not in data.DATASETS:
-        raise ValueError(f"unknown dataset {name!r} for this experiment; choose one of {data.DATASETS}")
+    weights = getattr(args, "weights", None)
+    if weights is not None and not os.path.isfile(weights):
+        raise ValueError(f"--weights {weights!r}: no such file (weights are read from local files only)")
+    if name == data.IMAGENET:
+        if weights is None or getattr(args, "data_dir", None) is None:
+            raise ValueError("--dataset imagenet needs --weights (a local weights file) and --data-dir (the ImageNet "
+                             "val folder)")
+        if getattr(args, "imagenet_images", 1) < 1:
+            raise ValueError("--imagenet-images must be >= 1")
+    elif name not in data.DATASETS:
+        raise ValueError(f"unknown dataset {name!r} for this experiment; choose one of {data.DATASETS + (data.IMAGENET,)}")
     return data.info(name)
 
 
@@ -81,8 +100,9 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     import jax
     import numpy as np
 
-    from rnd_jax import data, train
+    from rnd_jax import data, models, train, weights
     from rnd_jax.defenses import model_scorer
+    from rnd_jax.evaluate import predict
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,16 +110,27 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     t_start = time.time()
     _, k_data, k_attack, k_defense = jax.random.split(jax.random.key(args.seed), 4)
     k_def_images, k_def_acc = jax.random.split(k_defense)
-    train_cfg = train.TrainConfig(seed=args.train_seed)
-    model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
-                                        data_dir=args.data_dir, progress=show)
-    cfg["train"] = dataclasses.asdict(train_cfg)
+    ds = data.info(cfg["dataset"])
+    if getattr(args, "weights", None):
+        model = models.get_model(cfg["model"], ds.num_classes)
+        params = weights.load_params(model, args.weights, ds.image_shape)
+        cfg["train"] = {"weights": str(args.weights)}
+    else:
+        train_cfg = train.TrainConfig(seed=args.train_seed)
+        model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
+                                            data_dir=args.data_dir, progress=show)
+        cfg["train"] = dataclasses.asdict(train_cfg)
     clean = model_scorer(model, params)
-    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
-    acc_clean = float(np.mean(np.asarray(jax.numpy.argmax(clean(x_test, None), -1)) == y_test))
     x_train = y_train = surrogate = None
-    if train_split:
-        x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
+    if cfg["dataset"] == data.IMAGENET:  # a fixed class-balanced val subset; it is also the starting-point pool
+        x_test, y_test = data.load_imagenet(args.data_dir, "val", n=args.imagenet_images, balanced=True)
+        if train_split:
+            x_train, y_train = x_test, y_test
+    else:
+        x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
+        if train_split:
+            x_train, y_train = data.load(cfg["dataset"], "train", data_dir=args.data_dir)
+    acc_clean = float(np.mean(predict(clean, x_test, batch_size=256) == y_test))
     if surrogate_seed is not None:
         sur_cfg = train.TrainConfig(seed=surrogate_seed)
         s_model, s_params = train.load_or_train(surrogate_model or cfg["model"], cfg["dataset"], sur_cfg,

@@ -115,7 +115,7 @@ def configure(args) -> dict:
         args.n_images, args.max_queries, args.checkpoints = 3, 600, [200, 600]
         args.nus, args.sigmas, args.clean_draws = [0.0, 1e-2], [1e-2], 2
         args.attacks = args.attacks or list(SMOKE_ATTACKS)
-    ds = dataset_info(args.dataset)
+    ds = dataset_info(args.dataset, args)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)
     names = args.attacks or decision_attacks()

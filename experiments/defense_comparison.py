@@ -90,7 +90,7 @@ def configure(args) -> dict:
     if args.smoke:
         args.n_images, args.budgets, args.draws, args.bits, args.alphas = 4, [510], 4, [2], []
         args.drops, args.attacks = [0.02], args.attacks or ["nes"]
-    ds = dataset_info(args.dataset)
+    ds = dataset_info(args.dataset, args)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)
     score = sorted(n for n, s in ATTACKS.items() if s.family == "score" and s.supports_untargeted)

@@ -74,7 +74,7 @@ def configure(args) -> dict:
     """Validate every option and resolve defaults — before any model is trained or traced."""
     if args.smoke:
         args.n_images, args.max_queries, args.sigmas, args.acc_draws = 8, 1_000, [0.0, 1e-2], 4
-    ds = dataset_info(args.dataset)  # ValueError on an unknown dataset
+    ds = dataset_info(args.dataset, args)  # ValueError on an unknown dataset
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
     sigmas = [check_level("sigma", s) for s in args.sigmas]

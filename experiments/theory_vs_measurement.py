@@ -143,7 +143,7 @@ def _count(name, v, minimum=1):
 
 def configure(args) -> dict:
     """Validate every option and resolve defaults — before any model is trained or traced."""
-    ds = dataset_info(args.dataset)
+    ds = dataset_info(args.dataset, args)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     model = models.get_model(model_name, ds.num_classes)
     marks = ["input", *models.perturb_names(model, ds.image_shape)]

@@ -93,18 +93,34 @@ def check_level(name: str, value) -> float:
     return value if _array(value) else v
 
 
-def _model_scores(model, params, x, keys):
+def _model_scores(model, params, batch_size, x, keys):
     del keys
-    return jax.nn.softmax(model.apply({"params": params}, x), axis=-1)
+
+    def apply(xx):
+        return jax.nn.softmax(model.apply({"params": params}, xx), axis=-1)
+
+    n = x.shape[0]
+    if batch_size is None or n <= batch_size:
+        return apply(x)
+    chunks = -(-n // batch_size)
+    pad = chunks * batch_size - n
+    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+    out = jax.lax.map(apply, xp.reshape((chunks, batch_size) + x.shape[1:]))
+    return out.reshape((chunks * batch_size,) + out.shape[2:])[:n]
 
 
-def model_scorer(model, params) -> Scorer:
+def model_scorer(model, params, batch_size: int | None = None) -> Scorer:
     """The clean scorer of a Flax classifier returning logits: ``softmax(model.apply(x))``.
 
     A pytree (:mod:`rnd_jax.pytree`): ``params`` are its leaves, so a compiled attack receives them as
-    arguments instead of compiling them in.
+    arguments instead of compiling them in. ``batch_size``: evaluate a query batch in chunks of at most
+    that many points (``lax.map``), which bounds activation memory for large models (ResNet-50 at 224:
+    about 20 MB of activations per point); ``None`` evaluates the whole batch at once.
     """
-    return Partial(_model_scores, model, params)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    return Partial(_model_scores, model, params, batch_size)
 
 
 def _split_keys(keys):

@@ -427,12 +427,13 @@ def evaluate_cell(attack: Attack, defended: Scorer, clean: Scorer, sel: Selectio
     return run_cell(runner, sel, keys, protocol, budgets)
 
 
-def compile_runner(runner):
+def compile_runner(runner, compiler_options: dict | None = None):
     """A runner of :func:`make_runner` / :func:`make_tapped_runner`, compiled with its arrays as arguments.
 
-    Returns ``f(*inputs)`` (with ``f.lower(*inputs)``); runners of the same structure share one program.
+    Returns ``f(*inputs)`` (with ``f.lower(*inputs)``); runners of the same structure (and options) share
+    one program. ``compiler_options`` go to XLA (e.g. :func:`rnd_jax.pytree.fast_compile`).
     """
-    compiled = pytree.jit(_apply)
+    compiled = pytree.jit(_apply, compiler_options=compiler_options)
 
     class Bound:
         def __call__(self, *args):

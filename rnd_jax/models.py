@@ -202,6 +202,7 @@ DEFAULT_MODEL: dict[str, str] = {
     "mnist": "mnist_cnn",
     "fashion_mnist": "mnist_cnn",
     "cifar10": "cifar10_cnn",
+    "imagenet": "resnet50",  # inference only: its weights are imported (rnd_jax.weights)
 }
 """Dataset name -> name of the model in :data:`MODELS` used for it by default."""
 

