@@ -16,6 +16,8 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
   every kind by default, all with -m slow).
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
-from rnd_jax import data
+from rnd_jax import data, pytree
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import output_noise
 from rnd_jax.evaluate import QueryTap, tap_scorer
@@ -68,7 +70,7 @@ TAPS = {}
 
 
 def runner(name, context, clean_scorer, targeted, n, short=False):
-    """One jitted program per (attack, goal, batch size, budget), shared by the tests below.
+    """One compiled program per (attack, goal, batch size, budget), shared by the tests below.
 
     The budget is the battery's, or with ``short`` at most 20 steps: over hundreds of steps the last
     bits of a batched and an unbatched matrix product can grow apart in chaotic attacks, which would
@@ -89,22 +91,25 @@ def runner(name, context, clean_scorer, targeted, n, short=False):
     if key not in _RUNNERS:
         stop = driver.StopRule(eps=ATTACKS[name].battery["eps"], norm=ATTACKS[name].battery["norm"])
 
-        def run(x, y, t, ka, kd, sigma, kc, rule):
-            return driver.run(attack, oracle_for(attack, output_noise(clean_scorer, sigma)), x, y, t, ka, kd, budget,
-                              stop=stop, check_keys=kc, clean=clean_scorer, rule=jnp.asarray(rule, jnp.int32))
+        def run(bundle, x, y, t, ka, kd, sigma, kc, rule):  # the pool and the params are arguments
+            attack, clean = bundle
+            return driver.run(attack, oracle_for(attack, output_noise(clean, sigma)), x, y, t, ka, kd, budget,
+                              stop=stop, check_keys=kc, clean=clean, rule=jnp.asarray(rule, jnp.int32))
 
         if n == 1:  # one image alone: not vmapped, and every model call counted on the host (TAPS[name])
             tap = TAPS.setdefault(name, QueryTap())
 
-            def run(x, y, t, ka, kd, sigma, kc, rule):
-                defended = output_noise(clean_scorer, sigma)
-                res = driver.run_one(attack, oracle_for(attack, tap_scorer(defended, clean_scorer, tap)), x[0], y[0],
-                                     t[0], ka[0], kd[0], budget, stop=stop, check_key=kc[0], clean=clean_scorer,
+            def run(bundle, x, y, t, ka, kd, sigma, kc, rule):
+                attack, clean = bundle
+                defended = output_noise(clean, sigma)
+                res = driver.run_one(attack, oracle_for(attack, tap_scorer(defended, clean, tap)), x[0], y[0],
+                                     t[0], ka[0], kd[0], budget, stop=stop, check_key=kc[0], clean=clean,
                                      rule=jnp.asarray(rule, jnp.int32), checker=defended)
                 return jax.tree.map(lambda a: a[None], res)
 
         run.__name__ = f"battery_{name}_{'targeted' if targeted else 'untargeted'}_{n}_{budget}"
-        _RUNNERS[key] = jax.jit(chex.assert_max_traces(run, n=1)), budget
+        compiled = pytree.jit(chex.assert_max_traces(run, n=1))
+        _RUNNERS[key] = functools.partial(compiled, (attack, clean_scorer)), budget
     return _RUNNERS[key]
 
 

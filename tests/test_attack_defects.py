@@ -13,6 +13,7 @@ fails on the defect it guards against.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
-from rnd_jax import data, losses
+from rnd_jax import data, losses, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.attacks.adaptive import eot
 from rnd_jax.attacks.decision.boundary import BoundaryConfig
@@ -39,7 +40,12 @@ def stepped(attack, scorer, n_steps: int, budget=None):
     Returns ``f(x, y, t, ka, kd) -> (states, infos, queries_before_each_step)``, leading axes
     ``[image, step]``.
     """
-    oracle = Oracle(scorer, attack.output)
+    compiled = pytree.jit(_trail)
+    return functools.partial(compiled, (attack, Oracle(scorer, attack.output), budget, n_steps))
+
+
+def _trail(bundle, x, y, t, ka, kd):
+    attack, oracle, budget, n_steps = bundle
 
     def one(x, y, t, ka, kd):
         def body(c, _):
@@ -53,7 +59,7 @@ def stepped(attack, scorer, n_steps: int, budget=None):
         _, trail = jax.lax.scan(body, (attack.init(ka, x, y, t), jnp.zeros((), jnp.int32)), None, length=n_steps)
         return trail
 
-    return jax.jit(jax.vmap(one))
+    return jax.vmap(one)(x, y, t, ka, kd)
 
 
 def run_trail(attack, scorer, sel, n_images: int, n_steps: int, budget=None):

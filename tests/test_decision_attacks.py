@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
-from rnd_jax import data
+from rnd_jax import data, pytree
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
-from rnd_jax.evaluate import Protocol, make_runner, summarize
+from rnd_jax.evaluate import Protocol, compile_runner, make_runner, summarize
 from rnd_jax.oracle import Oracle
 
 DECISION = sorted(n for n, s in ATTACKS.items() if s.family == "decision")
@@ -62,14 +62,21 @@ def build(name, ctx, targeted, **over):
 
 def run_states(attack, scorer, x, y, t, budget, seed=0):
     """Final carries (state + queries) of a vmapped batch, jitted."""
-    oracle = Oracle(scorer, "label")
     n = len(y)
+    return as_np(_STATES((attack, Oracle(scorer, "label"), budget), x, y, t, keys(seed, n), keys(seed + 1, n)))
+
+
+def _final_states(bundle, x, y, t, ka, kd):
+    attack, oracle, budget = bundle
 
     def one(x, y, t, ka, kd):
         c = driver.start(attack, ka, x, y, t, budget)
         return driver.advance(attack, oracle, c, kd, budget)
 
-    return as_np(jax.jit(jax.vmap(one))(x, y, t, keys(seed, n), keys(seed + 1, n)))
+    return jax.vmap(one)(x, y, t, ka, kd)
+
+
+_STATES = pytree.jit(_final_states)  # the pool and the params are arguments of the program
 
 
 def dist(a, b, norm):
@@ -171,7 +178,7 @@ def test_majority_vote_rejects_lucky_false_adversarials(name, attack_set, pool, 
     noisy = flip_scorer(clean_scorer, 0.1)
     protocol = Protocol(n_images=10, targeted=False, budget=min(spec.battery["budget"], 4 * attack.cost + 7),
                         eps=spec.battery["eps"], norm=spec.battery["norm"])
-    runner = jax.jit(make_runner(attack, Oracle(noisy, "label"), clean_scorer, protocol))
+    runner = compile_runner(make_runner(attack, Oracle(noisy, "label"), clean_scorer, protocol))
     n = 10
     kc = keys(2, n)
     res, votes, clean_pred = runner(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), kc)
