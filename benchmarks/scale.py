@@ -75,7 +75,7 @@ def peak_mb(reset_ok: bool) -> float:
 
 
 def one(size: str, name: str, n_images: int, steps: int, closure: bool, hlo: bool, xla: str,
-        model_batch: int | None) -> dict:
+        model_batch: int | None, callback: bool = False) -> dict:
     """Measure one (size, attack) in this process."""
     import jax
     import jax.numpy as jnp
@@ -96,7 +96,12 @@ def one(size: str, name: str, n_images: int, steps: int, closure: bool, hlo: boo
     del host
     gc.collect()
     pool_labels = jnp.asarray((np.arange(s["pool"]) % s["classes"]).astype(np.int32))
-    clean = model_scorer(model, params, model_batch)
+    if callback:
+        from rnd_jax.foreign import separately_compiled
+
+        clean = separately_compiled(model, params, s["shape"], model_batch)
+    else:
+        clean = model_scorer(model, params, model_batch)
     x0 = pool[:n_images]
     labels = np.asarray(jnp.argmax(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x0), -1), np.int32)
     spec = ATTACKS[name]
@@ -128,8 +133,8 @@ def one(size: str, name: str, n_images: int, steps: int, closure: bool, hlo: boo
     res, votes, _ = jax.block_until_ready(compiled(*inputs))
     run_s = time.perf_counter() - t0
     peak = peak_mb(reset_ok)
-    return {"size": size, "model": s["model"], "attack": name, "mode": "closure" if closure else "arguments", "xla": xla,
-            "model_batch": model_batch,
+    return {"size": size, "attack": name, "mode": "closure" if closure else "arguments", "xla": xla,
+            "model_batch": model_batch, "model": s["model"] + (" (separately compiled)" if callback else ""),
             "n_images": n_images, "budget": budget, "pool": s["pool"], "compile_s": compile_s, "run_s": run_s,
             "queries": int(np.sum(res.queries)), "peak_rss_mb": peak, "arrays_mb": arrays_mb,
             "overhead_mb": peak - base, "hlo_mb": hlo_mb}
@@ -148,6 +153,8 @@ def get_parser():
                    help="XLA options: its defaults, or pytree.FAST_CPU_COMPILE on the CPU (LLVM's expensive passes off)")
     p.add_argument("--model-batch", type=int, default=None,
                    help="evaluate each query batch in chunks of this many points (model_scorer's batch_size)")
+    p.add_argument("--separately-compiled", action="store_true",
+                   help="query the model through foreign.separately_compiled (compiled once, outside the attack)")
     p.add_argument("--out", default="runs/benchmarks/scale.json", help="JSON file for the numbers")
     p.add_argument("--one", nargs=2, metavar=("SIZE", "ATTACK"), help=argparse.SUPPRESS)
     return p
@@ -161,7 +168,8 @@ def main(argv=None) -> dict:
     if args.one:
         size, name = args.one
         n = args.n_images or (8 if size == "32" else 2)
-        print(json.dumps(one(size, name, n, args.steps, args.closure, args.hlo, args.xla, args.model_batch)))
+        print(json.dumps(one(size, name, n, args.steps, args.closure, args.hlo, args.xla, args.model_batch,
+                             args.separately_compiled)))
         return {}
     rows = []
     print(f"xla options: {args.xla}")
@@ -175,6 +183,7 @@ def main(argv=None) -> dict:
             cmd += ["--hlo"] if args.hlo else []
             cmd += ["--xla", args.xla]
             cmd += ["--model-batch", str(args.model_batch)] if args.model_batch else []
+            cmd += ["--separately-compiled"] if args.separately_compiled else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
             if proc.returncode != 0:
                 row = {"size": size, "attack": name, "error": proc.stderr.strip().splitlines()[-1:]}

@@ -123,11 +123,19 @@ def _placeholder_context(ds) -> Context:
                    surrogate=lambda x, keys: None)
 
 
-def attack_config(name: str, targeted: bool, eps: dict | None = None) -> dict:
-    """The attack's battery configuration (norm, eps and overrides) for the goal, without the budget.
+def attack_config(name: str, targeted: bool, eps: dict | None = None, dataset: str = "digits") -> dict:
+    """The attack's configuration for the goal, without the budget.
 
-    ``eps``: ``{norm: radius}`` replacing the battery's radius of that norm (e.g. 8/255 on CIFAR-10)."""
-    cfg = {k: v for k, v in ATTACKS[name].battery.items() if k != "budget"}
+    On digits its battery configuration (norm, eps and the battery's overrides); on CIFAR-10 / ImageNet
+    the settings of its paper at that size (:mod:`rnd_jax.presets`) with the battery's norm and radius.
+    ``eps``: ``{norm: radius}`` replacing the radius of that norm (e.g. 8/255 on CIFAR-10)."""
+    from rnd_jax import presets
+
+    battery = {k: v for k, v in ATTACKS[name].battery.items() if k != "budget"}
+    if dataset in presets.DATASETS and dataset != "digits":
+        cfg = presets.attack_config(name, dataset, norm=battery["norm"], eps=battery["eps"])
+    else:
+        cfg = battery
     cfg["targeted"] = targeted
     if eps and eps.get(cfg.get("norm")) is not None:
         cfg["eps"] = eps[cfg["norm"]]
@@ -210,7 +218,7 @@ def configure(args) -> dict:
         if not (spec.supports_targeted if args.targeted else spec.supports_untargeted):
             skipped.append(name)
             continue
-        cfg = attack_config(name, args.targeted, {"linf": args.eps_linf, "l2": args.eps_l2})
+        cfg = attack_config(name, args.targeted, {"linf": args.eps_linf, "l2": args.eps_l2}, args.dataset)
         attack = make_attack(name, ctx, **cfg)  # validates the config; nothing is traced
         budget = args.max_queries or spec.battery["budget"]
         if args.smoke:

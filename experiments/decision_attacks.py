@@ -154,6 +154,13 @@ def configure(args) -> dict:
     }
 
 
+def preset_config(name: str, dataset: str, **config) -> dict:
+    """``config`` on top of the attack's settings at the dataset's size (:mod:`rnd_jax.presets`; digits: none)."""
+    from rnd_jax import presets
+
+    return presets.attack_config(name, dataset, **config) if dataset in presets.DATASETS else dict(config)
+
+
 def leveled_defense(clean, nu, sigma, postprocess: bool = False):
     """``output_noise(input_noise(clean, nu), sigma)`` with ``nu``, ``sigma`` traced (see module docstring).
 
@@ -266,7 +273,7 @@ def main(argv=None) -> dict:
         t0 = time.time()
         norm = ATTACKS[name].battery["norm"]
         eps = cfg["eps"][norm]
-        attack = make_attack(name, ctx, eps=eps, norm=norm, targeted=False)
+        attack = make_attack(name, ctx, **preset_config(name, cfg["dataset"], eps=eps, norm=norm, targeted=False))
         protocol = Protocol(n_images=n, targeted=False, budget=budget, eps=eps, norm=norm, check_queries=m,
                             stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
         validate_selection(attack, Oracle(clean, "label"), protocol, sel)

@@ -161,7 +161,7 @@ def test_replay_batching_and_no_retrace(name, context, clean_scorer, attack_set)
         np.testing.assert_array_equal(u, v)
     g, budget = runner(name, context, clean_scorer, targeted, 1, short=True)
     tap = TAPS[name]
-    for i in (0, n // 2, n - 1):
+    for i in (0, n - 1):
         tap.reset()
         alone = as_np(g(sel.images[i:i + 1], sel.labels[i:i + 1], sel.targets[i:i + 1], ka[i:i + 1], kd[i:i + 1],
                         1e-4, kc[i:i + 1], 1))

@@ -64,14 +64,14 @@ def test_smoke_run_writes_results_and_replays(tmp_path, digits_model, cache_dir)
     exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress", "--attacks", *names])
     res = check_smoke_results(out, names)
     rows = res["rows"]
-    # Replay: two attacks run alone (plus an input-noise cell) reproduce their rows and images bit for bit.
+    # Replay: one attack run alone (plus an input-noise cell) reproduces its rows and images bit for bit.
     sub = tmp_path / "sub"
     exp.main(["--smoke", "--out", str(sub), "--cache-dir", str(cache_dir), "--no-progress",
-              "--attacks", "signhunter", "bandits_td", "--nus", "0", "1e-2"])
+              "--attacks", "signhunter", "--nus", "0", "1e-2"])
     again = json.loads((sub / "results.json").read_text())
     both = [r for r in again["rows"] if r["defense"] != "input_noise"]
-    assert both == [r for r in rows if r["attack"] in ("bandits_td", "signhunter")]
-    assert [r["attack"] for r in again["rows"] if r["defense"] == "input_noise"] == ["bandits_td", "signhunter"]
+    assert both == [r for r in rows if r["attack"] == "signhunter"]
+    assert [r["attack"] for r in again["rows"] if r["defense"] == "input_noise"] == ["signhunter"]
     for k, v in again["images"].items():
         assert k.split("/")[1] == "input_noise" or res["images"][k] == v
 
@@ -81,3 +81,17 @@ def test_smoke_run_covers_every_targeted_score_attack(tmp_path, digits_model, ca
     out = tmp_path / "all"
     exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress"])
     check_smoke_results(out, [n for n in exp.score_attacks() if ATTACKS[n].supports_targeted])
+
+
+def test_cifar10_cells_use_the_papers_settings_at_that_size(tmp_path):
+    from rnd_jax import presets
+
+    args = exp.get_parser().parse_args(["--dataset", "cifar10", "--attacks", "square_linf", "nes",
+                                        "--eps-linf", "0.0314", "--out", str(tmp_path / "o")])
+    runs = {r["attack"]: r["config"] for r in exp.configure(args)["attacks"]}
+    assert runs["square_linf"]["eps"] == runs["nes"]["eps"] == 0.0314
+    assert runs["square_linf"]["p_init"] == presets.ATTACK_PRESETS["square_linf"]["cifar10"]["p_init"]
+    digits = {r["attack"]: r["config"] for r in exp.configure(exp.get_parser().parse_args(
+        ["--attacks", "square_linf", "--out", str(tmp_path / "o")]))["attacks"]}
+    assert digits["square_linf"]["eps"] == ATTACKS["square_linf"].battery["eps"]
+    assert not (tmp_path / "o").exists()

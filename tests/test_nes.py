@@ -52,7 +52,7 @@ def test_output_noise_cuts_success(clean_scorer, attack_set):
     assert noisy <= clean - 0.4, (clean, noisy)
 
 
-@pytest.mark.parametrize("budget", [51, 300])
+@pytest.mark.parametrize("budget", [51, pytest.param(300, marks=pytest.mark.slow)])  # the battery's NES witness
 def test_eager_counter_proves_budget(clean_scorer, attack_set, budget):
     counter = QueryCounter(output_noise(clean_scorer, 1e-3))
     attack = nes(NESConfig())

@@ -13,8 +13,8 @@ import pytest
 from conftest import as_np, keys
 from rnd_jax.attacks import driver, make_attack
 from rnd_jax.attacks.adaptive import eot
-from rnd_jax.evaluate import Protocol, Selection, robust_accuracy, select_images, summarize
-from rnd_jax.oracle import Oracle, QueryCounter
+from rnd_jax.evaluate import Protocol, QueryTap, Selection, robust_accuracy, select_images, summarize, tap_scorer
+from rnd_jax.oracle import Oracle
 
 RATE = 0.1
 EPS = 0.15
@@ -100,25 +100,27 @@ def test_loss_queries_leave_out_the_success_checks(nes_rules):
 
 
 @pytest.mark.parametrize("count", [False, True])
-def test_eager_counter_sees_every_check(count, clean_scorer, untargeted_set):
-    """An eager counting oracle sees the attack's queries and the verified rule's checks: with ``count`` the
-    checks are in the budgeted count (which stays within the budget), without it they are reported apart."""
+def test_host_counter_sees_every_check(count, clean_scorer, untargeted_set):
+    """A host-side counter of every model call (``tap_scorer``, compiled) sees the attack's queries and the
+    verified rule's checks: with ``count`` the checks are in the budgeted count (which stays within the
+    budget), without it they are reported apart."""
     sel = untargeted_set
     attack = eot(make_attack("nes", None, targeted=False, eps=EPS, samples=4), 2)
     budget = 250
-    counter = QueryCounter(lucky_scorer(clean_scorer, rate=0.5))
+    counter = QueryTap()
+    scorer = tap_scorer(lucky_scorer(clean_scorer, rate=0.5), clean_scorer, counter)
     stop = driver.StopRule("verified", count=count)
-    with jax.disable_jit():
-        res = driver.run_one(attack, Oracle(counter), sel.images[0], sel.labels[0], -1, jax.random.key(0),
-                             jax.random.key(1), budget, stop=stop, check_key=jax.random.key(2))
+    res = jax.jit(lambda: driver.run_one(attack, Oracle(scorer), sel.images[0], sel.labels[0], -1, jax.random.key(0),
+                                         jax.random.key(1), budget, stop=stop, check_key=jax.random.key(2)))()
+    jax.effects_barrier()
     # EOT does not repeat the evaluator's checks: 9 per verified claim
     assert int(res.claims) >= 2 and int(res.check_queries) % 9 == 0 and int(res.check_queries) >= 18
     assert int(res.queries) <= budget
     if count:
-        assert counter.count == int(res.queries)
+        assert counter.n == int(res.queries)
         assert int(res.loss_queries) == int(res.queries) - int(res.check_queries) - attack.checks * int(res.steps)
     else:
-        assert counter.count == int(res.queries) + int(res.check_queries)
+        assert counter.n == int(res.queries) + int(res.check_queries)
         assert int(res.loss_queries) == int(res.queries) - attack.checks * int(res.steps)
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -35,12 +34,11 @@ def _differs(a, b):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """digits_cnn trained once with the default config into a fresh cache dir."""
-    cache = tmp_path_factory.mktemp("cache")
-    t0 = time.perf_counter()
-    model, params = load_or_train("digits_cnn", "digits", TrainConfig(), cache_dir=cache, progress=False)
-    return model, params, time.perf_counter() - t0, cache
+def trained(digits_model, cache_dir):
+    """digits_cnn trained with the default config: the session's model and its checkpoint cache (trained
+    there once, under a lock, by whichever test needed it first)."""
+    model, params = digits_model
+    return model, params, cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def digits_test_split():
 
 
 def test_default_config_reaches_95_percent(trained, digits_test_split):
-    model, params, _, cache = trained
+    model, params, cache = trained
     acc = accuracy(model, params, *digits_test_split)
     assert acc >= 0.95
     meta = json.loads((cache_path("digits_cnn", "digits", TrainConfig(), cache) / "meta.json").read_text())
@@ -59,20 +57,17 @@ def test_default_config_reaches_95_percent(trained, digits_test_split):
 
 
 def test_second_call_loads_identical_params_without_training(trained, capsys):
-    model, params, train_seconds, cache = trained
+    model, params, cache = trained
     capsys.readouterr()
-    t0 = time.perf_counter()
     model2, params2 = load_or_train("digits_cnn", "digits", TrainConfig(), cache_dir=cache, progress=False)
-    load_seconds = time.perf_counter() - t0
     err = capsys.readouterr().err
     entry = cache_path("digits_cnn", "digits", TrainConfig(), cache)
     assert "loaded from cache" in err and str(entry) in err and "trained" not in err
-    assert load_seconds < train_seconds / 2
     assert model2 == model
     _assert_same_params(params, params2)
-    # One complete entry, no leftover temporary directories.
-    assert [p.name for p in Path(cache).iterdir()] == [entry.name]
+    # One complete entry, no leftover temporary directory of it.
     assert {p.name for p in entry.iterdir()} == {"meta.json", "params"}
+    assert not list(Path(cache).glob(f".tmp-{entry.name}-*"))
 
 
 def test_cache_keys():
@@ -120,7 +115,7 @@ def test_training_noise_options_take_effect():
 
 
 def test_accuracy_chunking_matches(trained, digits_test_split):
-    model, params, _, _ = trained
+    model, params, _ = trained
     images, labels = digits_test_split
     assert accuracy(model, params, images, labels, batch_size=7) == accuracy(model, params, images, labels)
     assert accuracy(model, params, images[:5], labels[:5]) in {k / 5 for k in range(6)}
