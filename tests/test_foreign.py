@@ -149,3 +149,16 @@ def test_torch_module():
     np.testing.assert_allclose(s(jnp.asarray(x), jax.random.split(jax.random.key(0), 3)), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="nn.Module"):
         torch_predict(lambda t: t)
+
+
+def test_separately_compiled_model_answers_as_the_inlined_one(clean_scorer, digits_model, digits):
+    from rnd_jax.foreign import separately_compiled
+
+    model, params = digits_model
+    *_, xt, _, _ = digits
+    s = separately_compiled(model, params, (8, 8, 1))
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jnp.asarray(xt[:5])  # 5 points: padded to 8 on the host, sliced back
+    np.testing.assert_allclose(pytree.call(s, x, keys), clean_scorer(x, keys), rtol=1e-5, atol=1e-6)
+    host = s.args[0]
+    assert (host.points, host.calls) == (5, 1)

@@ -4,7 +4,6 @@ weights of a standard architecture on CIFAR-10 files (both end to end, offline).
 import json
 import pickle
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
