@@ -46,7 +46,7 @@ from experiments.common import add_protocol_args, cli, setup, table, write_csv, 
 from rnd_jax import data, grids, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
 from rnd_jax.calibrate import calibrate  # noqa: E402
-from rnd_jax.defenses import build_defense  # noqa: E402
+from rnd_jax.defenses import DEFENSES, build_defense  # noqa: E402
 from rnd_jax.evaluate import POOLS, Protocol, evaluate_cell, image_keys, select_images  # noqa: E402
 
 FAMILIES = ("output_noise", "input_noise", "feature_noise")
@@ -170,6 +170,11 @@ def main(argv=None) -> dict:
         row, _ = evaluate_cell(attack, defended, clean, sel, keys, protocol, cfg["budgets"])
         return row
 
+    def as_level(fam, level):
+        """A calibratable family's level as a 0-d array: a program argument, so one compiled runner serves
+        every level of the family (:mod:`rnd_jax.pytree`)."""
+        return jnp.float32(level) if DEFENSES[fam].calibratable and level != 0 else level
+
     def robust_all(r, b):
         """Robust accuracy over all selected images within ``b`` queries, from the stop rule's verdict."""
         return (1.0 - r[f"asr_stop_at_{b}"]) * r["n_images"] / r["n_selected"]
@@ -192,7 +197,7 @@ def main(argv=None) -> dict:
     total = len(cells) * len(cfg["attacks"])
     with tqdm(total=total, desc="attack x defense", disable=not show) as bar:
         for fam, level, drop, acc in cells:
-            defended = build_defense(fam, model, params, level, shape)
+            defended = build_defense(fam, model, params, as_level(fam, level), shape)
             row = {"defense": fam, "target_drop": drop, "level": level, "accuracy": acc}
             for a in cfg["attacks"]:
                 r = attack_cell(a, defended)
@@ -212,7 +217,8 @@ def main(argv=None) -> dict:
     for layer in tqdm(cfg["layers"], desc="layers", disable=not show):
         c = calibrate(model, params, "feature_noise", cfg["layer_drop"], x_test, y_test, k_calib, draws=cfg["draws"],
                       layers=layer)
-        r = attack_cell("nes", build_defense("feature_noise", model, params, c.level, shape, layers=layer))
+        r = attack_cell("nes", build_defense("feature_noise", model, params, as_level("feature_noise", c.level), shape,
+                                             layers=layer))
         layer_rows.append({"layer": layer, "nu": c.level, "accuracy": c.accuracy,
                            "grad_ratio": float(np.mean(np.asarray(gh[layer] / gx))),
                            **{f"nes_robust_{b}": robust_all(r, b) for b in cfg["budgets"]}})
@@ -227,7 +233,7 @@ def main(argv=None) -> dict:
     base += [(f"correlated alpha={a:g}", "correlated_noise", a, {"sigma": cfg["corr_eps"]}) for a in cfg["alphas"]]
     base_rows = []
     for label, fam, level, opts in tqdm(base, desc="baselines", disable=not show):
-        defended = build_defense(fam, model, params, level, shape, **opts)
+        defended = build_defense(fam, model, params, as_level(fam, level), shape, **opts)
         row = {"defense": label}
         for loss in ("xent",) if args.smoke else ("xent", "cw"):  # smoke: one loss (a compiled program less)
             r = attack_cell("nes", defended, targeted=True, sel=sel_t, keys=keys_t, loss=loss)

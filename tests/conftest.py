@@ -24,10 +24,28 @@ from rnd_jax import data, train
 from rnd_jax.defenses import model_scorer
 
 
+def _shared_cache(basetemp):
+    return basetemp / "rnd_jax_cache"
+
+
+def pytest_sessionstart(session):
+    """Under pytest-xdist, train the two shared digits models in the controller before the workers start:
+    otherwise one worker trains while the other waits on the lock with nothing to do."""
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    if getattr(config.option, "collectonly", False):
+        return
+    d = _shared_cache(config._tmp_path_factory.getbasetemp())
+    d.mkdir(exist_ok=True)
+    for seed in (0, 1):
+        _trained(d, seed)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the session's base folder is shared by its workers
-        d = tmp_path_factory.getbasetemp().parent / "rnd_jax_cache"
+        d = _shared_cache(tmp_path_factory.getbasetemp().parent)
         d.mkdir(exist_ok=True)
     else:
         d = tmp_path_factory.mktemp("rnd_jax_cache")
