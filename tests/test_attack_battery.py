@@ -5,11 +5,12 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
 
 - it succeeds on the undefended digits model: ASR >= 90% on 10 images within its budget and eps,
   untargeted and targeted (each where supported), success judged by the clean model;
-- a host-side query counter (``tap_scorer`` in the jitted one-image runs of the replay test, under the verified
-  stop rule) proves the budget is never exceeded and that the driver's count equals the points the model was
-  asked about; the eager ``QueryCounter`` under ``jax.disable_jit`` does the same for two attacks here and NES
+- a host-side query counter (``tap_scorer`` in the jitted one-image runs, under the verified stop rule; the
+  variants that share another attack's code and the costliest decision attacks with -m slow) proves the
+  budget is never exceeded and that the driver's count equals the points the model was asked about; the eager ``QueryCounter`` under ``jax.disable_jit`` does the same for two attacks here and NES
   in ``test_nes.py`` (all with -m slow);
-- the same keys replay bit-identically; one image alone equals the same image inside the batch;
+- the same keys replay bit-identically; one image alone equals the same image inside the batch (with the
+  host counter above);
 - a second call with new inputs does not retrace (``chex.assert_max_traces``);
 - its ``bad_configs`` raise ``ValueError``;
 - on the undefended model the three stop rules (single, verified, clean) give identical runs (eight attacks of
@@ -144,23 +145,44 @@ def test_eager_counter_proves_budget(name, context, clean_scorer, attack_set):
     assert counter.count == int(res.queries) > 0
 
 
+_NOISY = {}
+
+
+def _noisy_batch(name, context, clean_scorer, attack_set):
+    """The batch under output noise (sigma = 1e-4) and the verified rule (a superset of the single rule's work)."""
+    if name not in _NOISY:
+        sel, n = attack_set, len(attack_set.labels)
+        f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=True)
+        _NOISY[name] = as_np(f(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), 1e-4, keys(2, n), 1))
+    return _NOISY[name]
+
+
 @pytest.mark.parametrize("name", by_attack(NAMES))
-def test_replay_batching_and_no_retrace(name, context, clean_scorer, attack_set):
-    """Under output noise (sigma = 1e-4) and the verified stop rule (a superset of the single rule's work): the
-    same keys replay bit-identically; an image run alone (not vmapped) equals the same image inside the batch,
-    its checks too; a host-side counter of that run (``tap_scorer``) sees exactly the driver's count, within
-    the budget; new inputs of the same shapes do not retrace (the one-image program runs two images, and the
-    batch program of the costliest attacks is the success test's, called there with other inputs)."""
-    targeted = goals(name)[-1]
+def test_replay_is_bit_identical(name, context, clean_scorer, attack_set):
+    """Under output noise and the verified stop rule the same keys replay bit for bit; the program does not
+    retrace (it is the success test's for the costliest attacks, called there with other inputs)."""
     sel, n = attack_set, len(attack_set.labels)
-    f, _ = runner(name, context, clean_scorer, targeted, n, short=True)
-    ka, kd = keys(0, n), keys(1, n)
-    kc = keys(2, n)
-    a = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, 1))
-    b = as_np(f(sel.images, sel.labels, sel.targets, ka, kd, 1e-4, kc, 1))
+    a = _noisy_batch(name, context, clean_scorer, attack_set)
+    f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=True)
+    b = as_np(f(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), 1e-4, keys(2, n), 1))
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
-    g, budget = runner(name, context, clean_scorer, targeted, 1, short=True)
+
+
+# One image alone (its own unvmapped program) for attacks of every kind by default; the variants that share
+# their code with one of these (OPT ~ Sign-OPT, hsja_linf ~ hsja) and the costliest decision programs with -m slow.
+ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary")
+
+
+@pytest.mark.parametrize("name", by_attack(NAMES, slow=ALONE_SLOW))
+def test_alone_equals_batch_and_host_count(name, context, clean_scorer, attack_set):
+    """An image run alone (not vmapped) equals the same image inside the noisy batch, its checks too; a
+    host-side counter of that run (``tap_scorer``) sees exactly the driver's count, within the budget; the
+    one-image program runs two images without retracing."""
+    sel, n = attack_set, len(attack_set.labels)
+    a = _noisy_batch(name, context, clean_scorer, attack_set)
+    ka, kd, kc = keys(0, n), keys(1, n), keys(2, n)
+    g, budget = runner(name, context, clean_scorer, goals(name)[-1], 1, short=True)
     tap = TAPS[name]
     for i in (0, n - 1):
         tap.reset()
