@@ -130,7 +130,12 @@ def test_target_class_missing_from_pool_fails_that_image_only(name, pool, attack
     assert (pred == sel.targets[1:4]).all()
 
 
-@pytest.mark.parametrize("name", DECISION)
+# OPT shares Sign-OPT's ray search (decision/_common.ray_attack) and hsja_linf HSJA's code: -m slow here
+SHARED_CODE = ("opt", "hsja_linf")
+
+
+@pytest.mark.parametrize("name", [n if n not in SHARED_CODE else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in DECISION])
 def test_noisy_answers_end_within_budget_and_the_best_point_is_returned(name, attack_set, pool, clean_scorer):
     """A model whose answer is a random wrong class 30% of the time: every loop still ends within the
     budget with finite numbers (the eager count of the points asked is the battery's
