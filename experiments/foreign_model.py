@@ -45,7 +45,7 @@ def get_parser():
     p.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/foreign_model")
-    p.add_argument("--smoke", action="store_true", help="3 images, budget 300")
+    p.add_argument("--smoke", action="store_true", help="3 images, budget 300 (at least two steps of each attack)")
     p.add_argument("--no-progress", action="store_true")
     add_protocol_args(p)
     return p
@@ -71,6 +71,13 @@ def configure(args) -> dict:
     if args.eps is not None and not args.eps > 0:
         raise ValueError("--eps must be > 0")
     eps = {a: args.eps or BATTERY_EPS[REGISTRY[a].battery["norm"]] for a in args.attacks}
+    from rnd_jax.attacks import Context, make_attack
+
+    placeholder = Context(np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32), 10)
+    for a in args.attacks:  # building an attack traces nothing; its cost is its worst-case step
+        cost = make_attack(a, placeholder, targeted=False, eps=eps[a]).cost
+        if not args.smoke and args.budget < cost:
+            raise ValueError(f"--budget {args.budget} is smaller than one step of {a} ({cost} queries)")
     return {"dataset": "digits", "model": f"sklearn MLPClassifier({args.hidden})", "attacks": list(args.attacks),
             "sigmas": sigmas, "n_images": args.n_images, "budget": args.budget, "eps": eps, "seed": args.seed,
             "stop_rule": args.stop_rule, "count_checks": args.count_checks, "hidden": args.hidden}
@@ -102,6 +109,7 @@ def main(argv=None) -> dict:
 
     from rnd_jax import data, pytree
     from rnd_jax.attacks import Context, make_attack
+    from rnd_jax.attacks.driver import validate
     from rnd_jax.defenses import output_noise
     from rnd_jax.evaluate import Protocol, image_keys, select_images, summarize
     from rnd_jax.foreign import HostModel, host_scorer, sklearn_predict
@@ -129,7 +137,9 @@ def main(argv=None) -> dict:
     for name, sigma in tqdm(cells, desc="cells", disable=not show, file=sys.stderr):
         t0 = time.time()
         attack = make_attack(name, ctx, targeted=False, eps=cfg["eps"][name])
-        protocol = Protocol(n_images=len(sel.labels), targeted=False, budget=cfg["budget"], eps=cfg["eps"][name],
+        budget = max(cfg["budget"], 2 * attack.cost) if args.smoke else cfg["budget"]  # smoke: two steps at least
+        validate(attack, Oracle(clean, attack.output), budget, sel.images, sel.labels)  # budget >= one step
+        protocol = Protocol(n_images=len(sel.labels), targeted=False, budget=budget, eps=cfg["eps"][name],
                             norm=_norm(name), stop_rule=cfg["stop_rule"],
                             count_checks=cfg["count_checks"])
         defended = output_noise(clean, sigma)
@@ -146,7 +156,7 @@ def main(argv=None) -> dict:
         res = jax.tree.map(np.asarray, res)
         m = summarize(sel, res, np.asarray(votes), np.asarray(clean_pred), False, protocol.check_queries,
                       protocol.eps, protocol.norm)
-        rows.append({"attack": name, "sigma": sigma, **m, "host_queries": host_q, "driver_queries": driver_q,
+        rows.append({"attack": name, "sigma": sigma, "budget": budget, **m, "host_queries": host_q, "driver_queries": driver_q,
                      "host_calls": host_calls, "host_eval_queries": host.points, "seconds": time.time() - t0})
         timing[f"{name}@{sigma:g}"] = time.time() - t0
     cols = [("attack", "attack", "s"), ("sigma", "sigma", "g"), ("asr", "asr", ".2f"), ("asr_lucky", "lucky", ".2f"),

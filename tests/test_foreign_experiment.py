@@ -85,3 +85,10 @@ def test_weights_and_imagenet_options_fail_fast(argv, tmp_path, capsys):
     assert e.value.code == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_foreign_model_budget_below_one_step_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        foreign_model.cli(foreign_model.main, ["--attacks", "hsja", "--budget", "100", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "smaller than one step" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
