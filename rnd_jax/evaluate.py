@@ -433,7 +433,7 @@ def compile_runner(runner, compiler_options: dict | None = None):
     Returns ``f(*inputs)`` (with ``f.lower(*inputs)``); runners of the same structure (and options) share
     one program. ``compiler_options`` go to XLA (e.g. :func:`rnd_jax.pytree.fast_compile`).
     """
-    compiled = pytree.jit(_apply, compiler_options=compiler_options)
+    compiled = pytree.jit(pytree.apply, compiler_options=compiler_options)
 
     class Bound:
         def __call__(self, *args):
@@ -443,10 +443,6 @@ def compile_runner(runner, compiler_options: dict | None = None):
             return compiled.lower(runner, *args)
 
     return Bound()
-
-
-def _apply(fn, *args):
-    return fn(*args)
 
 
 def cell_inputs(sel: Selection, keys):

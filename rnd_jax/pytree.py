@@ -194,11 +194,12 @@ def call(obj, *args):
     return _CALL(obj, *args)
 
 
-def _apply(obj, *args):
+def apply(obj, *args):
+    """``obj(*args)``: the function :func:`call` compiles (pass it to :func:`jit` with options)."""
     return obj(*args)
 
 
-_CALL = _Compiled(_apply)
+_CALL = _Compiled(apply)
 
 
 def compiled(obj):

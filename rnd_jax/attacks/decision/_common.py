@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from rnd_jax.attacks.driver import Attack
+from rnd_jax.attacks.driver import Attack, run_if
 from rnd_jax.oracle import live_while
 
 NORMS = ("l2", "linf")
@@ -138,19 +138,6 @@ def ask(oracle, offset, x, cls, targeted: bool):
     return adversarial(labels, cls, targeted), offset + x.shape[0]
 
 
-def run_if(pred, fn, operand):
-    """``fn(operand)`` if ``pred`` else ``operand``, as a ``while_loop`` of at most one iteration.
-
-    Under ``vmap`` the loop body runs while any image needs it (and the others keep their
-    operand), so a phase that no image of the batch needs costs nothing — unlike ``lax.cond``,
-    which becomes a select that evaluates (and queries through) both branches.
-    """
-    def body(c):
-        _, x = c
-        return jnp.zeros((), bool), fn(x)
-
-    _, out = live_while(lambda c: c[0], body, (jnp.asarray(pred, bool), operand))
-    return out
 
 
 def bisect(oracle, offset, point, lo, hi, tol, max_iter: int, cls, targeted: bool):
