@@ -73,12 +73,15 @@ from rnd_jax import nets
 
 __all__ = [
     "DEFAULT_MODEL",
+    "INPUT_SHAPES",
     "MODELS",
     "Cifar10CNN",
     "DigitsCNN",
     "MnistCNN",
+    "check_fits",
     "feature_shapes",
     "get_model",
+    "models_for",
     "perturb_names",
 ]
 
@@ -205,6 +208,45 @@ DEFAULT_MODEL: dict[str, str] = {
     "imagenet": "resnet50",  # inference only: its weights are imported (rnd_jax.weights)
 }
 """Dataset name -> name of the model in :data:`MODELS` used for it by default."""
+
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits_cnn": (8, 8, 1),
+    "mnist_cnn": (28, 28, 1),
+    "cifar10_cnn": (32, 32, 3),
+    "resnet20": (32, 32, 3),
+    "vgg16": (32, 32, 3),
+    "wrn28_10": (32, 32, 3),
+    "resnet50": (224, 224, 3),
+    "vit_b16": (224, 224, 3),
+}
+"""Model name -> the per-example input shape ``(H, W, C)`` it is built for.
+
+Several models would run on other sizes (the convolutional ones pool globally), but they are sized
+for these inputs: ``cifar10_cnn`` trained on 8x8 digits spends ~300M multiply-adds per image on a
+problem ``digits_cnn`` solves with 0.1M. The class count is not declared: every factory takes it
+(``num_classes``), and experiments pass the dataset's."""
+
+
+def models_for(image_shape: Sequence[int]) -> list[str]:
+    """Registered models built for inputs of ``image_shape`` ``(H, W, C)``, sorted."""
+    shape = tuple(int(d) for d in image_shape)
+    return sorted(n for n, s in INPUT_SHAPES.items() if s == shape)
+
+
+def check_fits(name: str, image_shape: Sequence[int], num_classes: int, dataset: str = "the dataset") -> None:
+    """``ValueError`` unless the registered model ``name`` is built for ``image_shape`` inputs and
+    ``num_classes`` classes (an int >= 2); the message lists the models that fit. Shapes only: nothing is
+    built or traced."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    shape = tuple(int(d) for d in image_shape)
+    expected = INPUT_SHAPES[name]
+    if shape != expected:
+        fit = models_for(shape)
+        raise ValueError(f"model {name!r} takes {'x'.join(map(str, expected))} images, but {dataset} has "
+                         f"{'x'.join(map(str, shape))}; models that fit: {fit or 'none registered'}")
 
 
 def get_model(name: str, num_classes: int = 10) -> nn.Module:

@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 from rnd_jax import data
-from rnd_jax.models import get_model
+from rnd_jax.models import check_fits, get_model
 
 __all__ = [
     "CACHE_VERSION",
@@ -144,6 +144,13 @@ def _log(msg: str) -> None:
     print(f"[rnd_jax] {msg}", file=sys.stderr, flush=True)
 
 
+def _check_fits(model_name: str, dataset: str) -> None:
+    """``ValueError`` before any data is read when ``model_name`` is not built for ``dataset``'s images
+    (:func:`rnd_jax.models.check_fits`; e.g. ``cifar10_cnn`` on 8x8 digits)."""
+    spec = data.info(dataset)
+    check_fits(model_name, spec.image_shape, spec.num_classes, dataset)
+
+
 def _num_classes(labels: np.ndarray) -> int:
     # The training split of every supported dataset contains every class.
     return max(int(np.max(labels)) + 1, 2)
@@ -227,6 +234,7 @@ def train(
     with the mean training loss) on stderr.  Deterministic given ``cfg``; no caching
     (see :func:`load_or_train`).
     """
+    _check_fits(model_name, dataset)
     images, labels = data.load(dataset, "train", data_dir=data_dir)
     model = get_model(model_name, num_classes=_num_classes(labels))
     return _fit(model, images, labels, cfg, progress, desc=f"{model_name}/{dataset}")
@@ -342,10 +350,13 @@ def load_or_train(
     Hit (``<entry>/meta.json`` exists): params are restored from the Orbax checkpoint,
     no data is loaded and nothing is trained.  Miss: :func:`train`'s procedure runs, test
     accuracy is measured, and the entry is written atomically (see module docstring).
-    Either way one line goes to stderr: ``trained ...`` or ``loaded from cache <path>``.
+    Either way one line goes to stderr: ``trained ...`` or ``loaded from cache <path>`` (and with
+    ``progress`` a ``training ...`` line and a per-epoch bar before training). A model not built
+    for the dataset's images raises ``ValueError`` before anything is read or trained.
     ``cache_dir`` defaults to :func:`default_cache_dir`; the entry is
     :func:`cache_path`.
     """
+    _check_fits(model_name, dataset)
     path = cache_path(model_name, dataset, cfg, cache_dir)
     if (path / "meta.json").exists():
         model, params = _load(path)
@@ -354,6 +365,8 @@ def load_or_train(
 
     images, labels = data.load(dataset, "train", data_dir=data_dir)
     model = get_model(model_name, num_classes=_num_classes(labels))
+    if progress:
+        _log(f"training {model_name} on {dataset} ({cfg.epochs} epochs; cached as {path})")
     t0 = time.perf_counter()
     params = _fit(model, images, labels, cfg, progress, desc=f"{model_name}/{dataset}")
     seconds = time.perf_counter() - t0
