@@ -36,9 +36,17 @@ Implemented here:
   added to marked hidden layers (default: the penultimate marked layer) through the Flax
   ``perturbations`` collection. ``nu`` here is a *standard deviation*; the paper writes the
   noise as ``N(0, nu I)`` with ``nu`` a variance, i.e. its ``nu`` is our ``nu**2``.
+- :func:`output_noise_park` (Park et al., output randomization at test time): ``p + eps`` with
+  ``eps ~ N(mu, sigma^2 I)``, level the *variance* ``sigma^2``, no post-processing at all.
 - Baselines: :func:`quantize` (output quantization to 1..16 bits), :func:`correlated_noise`
-  (``v = alpha*F(x) + eps``, Aithal & Li Lemma 2 / Table 5) and :func:`resize_pad` (random
-  resize-and-pad, Xie et al. 2018).
+  (``v = alpha*F(x) + eps``, Aithal & Li Lemma 2 / Table 5), :func:`resize_pad` (shrink-or-keep,
+  pad and resize back), :func:`random_resize_pad` (Xie et al. 2018 as defined: enlarge, pad, feed the
+  larger image), :func:`jpeg` (JPEG compression of each query, Guo et al. 2018; :mod:`rnd_jax.jpeg`)
+  and :func:`aaa` (Adversarial Attack on Attackers, Chen et al. 2022: deterministic logit
+  post-processing that reverses the attacker's margin loss and keeps the top-1 label).
+
+Levels are refused when built if they are not finite, negative, or so large that their square
+overflows float32 (:func:`check_level`).
 """
 
 from __future__ import annotations
@@ -76,7 +84,9 @@ def _is_zero(value) -> bool:
 
 
 def check_level(name: str, value) -> float:
-    """Validate a noise level: a finite real number >= 0. Returns it as a Python float.
+    """Validate a noise level: a finite real number >= 0 whose square is a finite float32 (at most
+    :data:`F32_LEVEL_MAX`, about 1.8e19: a larger std overflows the variance and, on [0, 1] data, the noisy
+    values themselves). Returns it as a Python float.
 
     A traced level (a defense built inside ``jit``/``vmap``, e.g. to sweep or bisect the level
     without recompiling) is returned as is: validate the concrete values before tracing. A concrete
@@ -90,6 +100,32 @@ def check_level(name: str, value) -> float:
         raise ValueError(f"{name} must be a real number >= 0, got {value!r}") from None
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    _check_f32(name, value, v)
+    return value if _array(value) else v
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+F32_LEVEL_MAX = math.sqrt(F32_MAX)  # ~1.84e19: the largest level whose square is a finite float32
+
+
+def _check_f32(name: str, value, v: float) -> None:
+    """Refuse a level whose square (a variance) or whose effect on [0, 1] data overflows float32."""
+    if abs(v) > F32_LEVEL_MAX:
+        raise ValueError(f"{name} = {value!r} overflows float32: its square (and the noise it adds to data in "
+                         f"[0, 1]) exceeds the float32 range {F32_MAX:.4g}; use |{name}| <= {F32_LEVEL_MAX:.4g}")
+
+
+def check_real(name: str, value) -> float:
+    """Validate a finite real number of either sign whose square is a finite float32 (e.g. a noise mean)."""
+    if _traced(value):
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    _check_f32(name, value, v)
     return value if _array(value) else v
 
 
@@ -283,12 +319,15 @@ def _correlated_noise(scorer, alpha, sigma, no_noise, x, keys):
 
 
 def resize_pad(scorer: Scorer, max_extra) -> Scorer:
-    """Random resize-and-pad (Xie et al. 2018), per query.
+    """Random shrink-and-pad at the model's input size, after Xie et al. 2018, per query.
 
     An ``H x W`` image is resized (bilinear, ``jax.image.resize``) to ``(H + r) x (W + r)`` with
     ``r`` uniform in ``0..max_extra``, zero-padded at a random offset to
-    ``(H + max_extra) x (W + max_extra)``, and — because our models take a fixed input size —
-    resized back to ``H x W`` before the model sees it. ``max_extra = 0`` is the identity.
+    ``(H + max_extra) x (W + max_extra)``, and always resized back to ``H x W`` before the model sees
+    it: the model sees the image content shrunk by ``(H + r) / (H + max_extra) <= 1`` inside a zero
+    border, at its own input size. Xie et al.'s defense as they define it (``r`` in ``[H, H_max)``,
+    the *enlarged* padded image fed to the network) is :func:`random_resize_pad`.
+    ``max_extra = 0`` is the identity.
     """
     if isinstance(max_extra, bool) or not isinstance(max_extra, int) or max_extra < 0:
         raise ValueError(f"resize_pad max_extra must be an int >= 0 (pixels), got {max_extra!r}")
@@ -318,6 +357,288 @@ def _resize_pad(scorer, max_extra, x, keys):
 
     mine, inner = _split_keys(keys)
     return scorer(jax.vmap(one)(x, mine), inner)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None
+                                                                                              and value > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name} must be an int {rng}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(name: str, value) -> float:
+    v = check_level(name, value)
+    if not _traced(v) and float(v) <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return v
+
+
+def random_resize_pad(scorer: Scorer, max_extra, resize_back: bool = False, method: str = "nearest") -> Scorer:
+    """Random resizing and padding as Xie et al. define it (ICLR 2018, "Mitigating adversarial effects
+    through randomization", Sec. 3), per query.
+
+    An ``H x W`` query is *enlarged* to ``(H + e) x (W + e)`` with ``e`` uniform in ``0..max_extra - 1``
+    (their ``rnd`` uniform in ``[299, 331)`` for 299 x 299 inputs: ``max_extra = 32``), then placed at a
+    uniform offset ``(a, b)``, ``a, b`` in ``0..max_extra - e`` (their ``(331 - rnd + 1)^2`` padding
+    patterns), in a zero image of ``(H + max_extra) x (W + max_extra)`` pixels, and that larger image is
+    the model's input. ``method``: ``"nearest"`` (the authors' code; output pixel ``i`` takes source pixel
+    ``floor((i + 1/2) H / r)``) or ``"bilinear"`` (half-pixel centres, edge clamped; equal to
+    ``jax.image.resize(..., "linear")`` when enlarging).
+
+    ``resize_back=True`` resizes the padded image back to ``H x W`` (bilinear) before the wrapped
+    scorer sees it, for models that take only their training input size (our ``digits_cnn`` and
+    ``mnist_cnn`` flatten into a dense layer; ViT has fixed position embeddings). Through
+    :func:`build_defense` the choice is made from the model: the larger input is fed when the model
+    accepts it (the fully convolutional, globally pooled ``cifar10_cnn``, ResNets, WRN), otherwise it is
+    resized back. :func:`resize_pad` is a different defense: it *shrinks-or-keeps* and always resizes back.
+    ``max_extra = 0`` is the identity (the clean scorer itself).
+    """
+    max_extra = _check_int("random_resize_pad max_extra (pixels)", max_extra, 0)
+    if not isinstance(resize_back, bool):
+        raise ValueError(f"random_resize_pad resize_back must be a bool, got {resize_back!r}")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown random_resize_pad method {method!r}; choose one of {RESIZE_METHODS}")
+    if max_extra == 0:
+        return scorer
+    return Partial(_random_resize_pad, scorer, max_extra, resize_back, method)
+
+
+RESIZE_METHODS = ("nearest", "bilinear")
+
+
+def _resize_axis(n: int, r, out: int, offset, method: str):
+    """Source indices and weights that enlarge an axis of ``n`` pixels to ``r`` (traced) and place it at
+    ``offset`` in ``out`` pixels: (i0, i1, w1, inside), each ``[out]``; pixel = (1 - w1) x[i0] + w1 x[i1]."""
+    i = jnp.arange(out) - offset
+    inside = (i >= 0) & (i < r)
+    centre = (i.astype(jnp.float32) + 0.5) * n / r.astype(jnp.float32)
+    if method == "nearest":
+        i0 = jnp.clip(jnp.floor(centre).astype(jnp.int32), 0, n - 1)
+        return i0, i0, jnp.zeros(out, jnp.float32), inside
+    s = centre - 0.5
+    f = jnp.floor(s)
+    i0 = jnp.clip(f.astype(jnp.int32), 0, n - 1)
+    i1 = jnp.clip(f.astype(jnp.int32) + 1, 0, n - 1)
+    return i0, i1, s - f, inside
+
+
+def _random_resize_pad(scorer, max_extra, resize_back, method, x, keys):
+    _, h, w, c = x.shape
+    big_h, big_w = h + max_extra, w + max_extra
+
+    def one(img, key):
+        u = jax.random.uniform(key, (3,))
+        e = jnp.minimum(jnp.floor(u[0] * max_extra).astype(jnp.int32), max_extra - 1)
+        room = max_extra - e + 1
+        oi, oj = (jnp.minimum(jnp.floor(v * room.astype(jnp.float32)).astype(jnp.int32), room - 1) for v in u[1:])
+        r0, r1, rw, rin = _resize_axis(h, h + e, big_h, oi, method)
+        c0, c1, cw, cin = _resize_axis(w, w + e, big_w, oj, method)
+        rows = img[r0] * (1 - rw)[:, None, None] + img[r1] * rw[:, None, None]
+        out = rows[:, c0] * (1 - cw)[None, :, None] + rows[:, c1] * cw[None, :, None]
+        return jnp.where((rin[:, None] & cin[None, :])[..., None], out, jnp.zeros((), img.dtype)).astype(img.dtype)
+
+    mine, inner = _split_keys(keys)
+    big = jax.vmap(one)(x, mine)
+    if resize_back:
+        big = jax.image.resize(big, x.shape, "linear")
+    return scorer(big, inner)
+
+
+def _takes_larger_inputs(model, params, input_shape, shape) -> bool:
+    """Whether ``model`` (with params for ``input_shape`` inputs) is size-agnostic enough to be fed ``shape``.
+
+    Shapes only (``jax.eval_shape``). The model must map both ``shape`` and twice its height and width to
+    logits: a globally pooled network does; a network that flattens into a dense layer refuses one of them
+    (``digits_cnn`` accepts 10 x 10 as well as 8 x 8 because its pools floor both to 2 x 2, but not 20 x 20),
+    and so does a ViT with position embeddings of its training size.
+    """
+    spec = lambda s: jax.ShapeDtypeStruct((1,) + tuple(s), jnp.float32)  # noqa: E731
+    if params is None:
+        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), spec(input_shape))["params"]
+    params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
+    h, w, c = shape
+    for probe in ((h, w, c), (2 * h, 2 * w, c)):
+        try:
+            out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, spec(probe))
+        except Exception:  # a dense layer or a position embedding of the training size refuses other shapes
+            return False
+        if len(out.shape) != 2:
+            return False
+    return True
+
+
+def _build_random_resize_pad(model, params, level, input_shape, resize_back=None, method="nearest"):
+    max_extra = _check_int("random_resize_pad max_extra (pixels)", level, 0)
+    if resize_back is None:
+        h, w, c = input_shape
+        resize_back = max_extra > 0 and not _takes_larger_inputs(model, params, input_shape,
+                                                           (h + max_extra, w + max_extra, c))
+    return random_resize_pad(model_scorer(model, params), max_extra, resize_back, method)
+
+
+def jpeg(scorer: Scorer, quality, subsample: bool = True, input_shape=None) -> Scorer:
+    """JPEG compression of every query (Guo et al. 2018; Aithal & Li 2022, Tables 4 and 11).
+
+    The wrapped scorer sees :func:`rnd_jax.jpeg.compress` of the query: 8-bit samples, YCbCr (grayscale
+    for one channel), 8x8 DCT, quantisation with the standard IJG tables at ``quality`` (1..100, the IJG
+    and Pillow quality scale; Guo et al. use 75), inverse DCT, RGB, ``/ 255`` in [0, 1].
+    ``subsample=True`` (the default) halves the chroma resolution (4:2:0), as libjpeg, Pillow and so the
+    papers' JPEG defense (PIL ``save(quality=q)``) do; ``False`` keeps 4:4:4. Deterministic: the keys
+    pass through to the wrapped scorer. ``input_shape`` ``(H, W, C)``, when given, is checked now
+    (C must be 1 or 3). No level turns JPEG off: quality 100 still rounds to 8 bits and quantises.
+    The quantisation tables travel as arrays (leaves of the scorer), so one compiled program serves
+    every quality.
+    """
+    from rnd_jax import jpeg as jpeg_codec
+
+    quality = jpeg_codec.check_quality(quality)
+    if not isinstance(subsample, bool):
+        raise ValueError(f"jpeg subsample must be a bool, got {subsample!r}")
+    if input_shape is not None and (len(input_shape) != 3 or input_shape[-1] not in (1, 3)):
+        raise ValueError(f"jpeg needs images of shape (H, W, C) with C = 1 or 3, got input_shape {input_shape!r}")
+    luma, chroma = (t.astype(np.float32) for t in jpeg_codec.quant_tables(quality))
+    return Partial(_jpeg, scorer, luma, chroma, subsample)
+
+
+def _jpeg(scorer, luma, chroma, subsample, x, keys):
+    from rnd_jax import jpeg as jpeg_codec
+
+    return scorer(jpeg_codec.compress_with_tables(x, luma, chroma, subsample), keys)
+
+
+def output_noise_park(scorer: Scorer, variance, mean=0.0) -> Scorer:
+    """Park et al.'s test-time output randomization, as printed: ``d(p) = p + eps``.
+
+    ``eps ~ N(mean, variance * I_C)`` is added to the probability vector ``p`` with **no**
+    post-processing: no clipping, no renormalisation, so answers may be negative or above one and
+    need not sum to one ("Note that d(p) does not necessarily represent a probability mass function",
+    Park et al., "Adversarial Examples and Output Randomization", Sec. 5.1). ``variance`` is
+    the paper's ``sigma^2`` (a **variance**, in probability units squared: their Table 1 uses 1e-4,
+    1e-2 and 5.76e-2); ``mean`` is their ``mu`` (probability units), 0 in all their experiments (Sec. 7.1).
+    Compare :func:`output_noise`, whose ``sigma`` is a standard deviation and whose answers are
+    post-processed as Aithal & Li do. The attack losses of :mod:`rnd_jax.losses` floor answers
+    ``<= 0`` before their logarithm, so they stay finite on these answers. Variance 0 and mean 0 give
+    the clean scorer itself.
+    """
+    variance = check_level("variance", variance)
+    mean = check_real("mean", mean)
+    if _is_zero(variance) and _is_zero(mean):
+        return scorer
+    return Partial(_output_noise_park, scorer, variance, mean)
+
+
+def _output_noise_park(scorer, variance, mean, x, keys):
+    mine, inner = _split_keys(keys)
+    p = scorer(x, inner)
+    v = _normal(mine, p.shape[1:], p.dtype)
+    return p + mean + jnp.sqrt(jnp.asarray(variance, p.dtype)) * v
+
+
+AAA_KINDS = ("linear", "sine")
+
+
+def aaa(scorer: Scorer, attractor_interval, reverse_step=1.0, kind: str = "linear", temperature=1.0,
+        calibration_weight=5.0, num_iter: int = 100, lr=0.1, min_margin=1e-3) -> Scorer:
+    """Adversarial Attack on Attackers (AAA; Chen et al., NeurIPS 2022, "Adversarial Attack on Attackers:
+    Post-Process to Mitigate Black-Box Score-Based Query Attacks"), a deterministic post-processing of
+    the logits that keeps every top-1 label.
+
+    With ``z`` the clean logits (here ``log F(x)``, equal up to a per-row constant), ``y = argmax z`` and
+    ``m = z_y - max_{j != y} z_j >= 0`` the logit margin (the attacker's margin loss on a correctly
+    classified point), the defense picks an *attractor* ``a = (floor(m / tau) + 1/2) tau`` (the centre of
+    ``m``'s interval of width ``tau = attractor_interval``, in logit units) and a *target margin*
+
+    - ``kind="linear"`` (AAA-linear): ``t = a - beta (m - a)``, ``beta = reverse_step``: within each
+      interval the margin seen by the attacker moves *against* the true one (``beta = 1`` reflects it);
+    - ``kind="sine"`` (AAA-sine): ``t = m - 0.7 beta tau sin(pi (1 - 2 (m - a) / tau))``, a periodic
+      curve (the authors' code uses amplitude ``0.7 tau``, i.e. ``beta = 1``).
+
+    Then the answer is ``softmax(u)`` for logits ``u`` found as the original does: ``num_iter`` Adam steps
+    (learning rate ``lr``, betas 0.9 / 0.999, eps 1e-8) from ``u = z`` on
+    ``|margin(u) - t| + calibration_weight * |softmax(u)_y - max softmax(z / temperature)|``, where
+    ``margin(u)`` is the top-1 minus top-2 logit of ``u``: the calibration term keeps the confidence of the
+    answer at that of the temperature-scaled clean model. The authors' defaults (their ``AAALinear``):
+    ``tau = 4``, ``beta = 1``, 100 iterations, weight 5, lr 0.1, and the temperature fitted per model
+    to minimise the expected calibration error on validation data (1 when not fitted).
+
+    What differs from the original: it optimises the *mean* loss over the batch of queries with one
+    Adam state; here each point runs its own Adam on its own loss (the batch loss separates over
+    points, and Adam's per-coordinate normalisation removes the 1/B scale up to its eps), so a point's
+    answer never depends on the batch it travels in. The temperature is a given option, not fitted
+    here. The original does not guarantee the top-1 label; here, after the steps, the original top-1
+    logit is raised to at least ``min_margin`` above the others when needed (rarely: only when the
+    target margin is below ``min_margin`` or Adam overshoots), so the hard label is always that of the
+    clean model. The original also rounds queries to 8 bits before the model; that is not part of AAA
+    and is not done here.
+
+    ``attractor_interval = 0`` is the identity (the clean scorer: every margin is its own attractor).
+    Deterministic; the keys pass through to the wrapped scorer.
+    """
+    tau = check_level("attractor_interval", attractor_interval)
+    beta = check_level("reverse_step", reverse_step)
+    if kind not in AAA_KINDS:
+        raise ValueError(f"unknown AAA kind {kind!r}; choose one of {AAA_KINDS}")
+    temperature = _check_positive("temperature", temperature)
+    weight = check_level("calibration_weight", calibration_weight)
+    num_iter = _check_int("num_iter", num_iter, 0)
+    lr = _check_positive("lr", lr)
+    min_margin = _check_positive("min_margin", min_margin)
+    if _is_zero(tau):
+        return scorer
+    return Partial(_aaa, scorer, tau, beta, kind, temperature, weight, num_iter, lr, min_margin)
+
+
+def _top2(u):
+    """(index of the largest entry, index of the second largest, their difference)."""
+    first = jnp.argmax(u)
+    rest = jnp.where(jnp.arange(u.shape[0]) == first, -jnp.inf, u)
+    second = jnp.argmax(rest)
+    return first, second, u[first] - u[second]
+
+
+def aaa_target(margin, attractor_interval, reverse_step=1.0, kind: str = "linear"):
+    """The target margin ``t(m)`` of AAA (see :func:`aaa`) for true margins ``margin >= 0``."""
+    tau = attractor_interval
+    a = (jnp.floor(margin / tau) + 0.5) * tau
+    if kind == "linear":
+        return a - reverse_step * (margin - a)
+    return margin - 0.7 * reverse_step * tau * jnp.sin(jnp.pi * (1 - 2 * (margin - a) / tau))
+
+
+def _aaa_point(z, tau, beta, kind, temperature, weight, num_iter, lr, min_margin):
+    y, _, margin = _top2(z)
+    target = aaa_target(margin, tau, beta, kind)
+    p_target = jax.nn.softmax(z / temperature)[y]
+    onehot = lambda i: jax.nn.one_hot(i, z.shape[0], dtype=z.dtype)  # noqa: E731
+
+    def grad(u):
+        # d/du of |margin(u) - target| + weight |softmax(u)_y - p_target| (sign(0) = 0, as autograd's abs)
+        first, second, m = _top2(u)
+        p = jax.nn.softmax(u)
+        return (jnp.sign(m - target) * (onehot(first) - onehot(second))
+                + weight * jnp.sign(p[y] - p_target) * p[y] * (onehot(y) - p))
+
+    def step(i, carry):
+        u, m, v = carry
+        g = grad(u)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        t = (i + 1).astype(z.dtype)
+        mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+        return u - lr * mhat / (jnp.sqrt(vhat) + 1e-8), m, v
+
+    zeros = jnp.zeros_like(z)
+    u = jax.lax.fori_loop(0, num_iter, step, (z, zeros, zeros))[0]
+    others = jnp.max(jnp.where(jnp.arange(z.shape[0]) == y, -jnp.inf, u))
+    return u.at[y].set(jnp.maximum(u[y], others + min_margin))
+
+
+def _aaa(scorer, tau, beta, kind, temperature, weight, num_iter, lr, min_margin, x, keys):
+    p = scorer(x, keys)
+    z = jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+    u = jax.vmap(lambda zz: _aaa_point(zz, tau, beta, kind, temperature, weight, num_iter, lr, min_margin))(z)
+    return jax.nn.softmax(u, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +673,14 @@ DEFENSES: dict[str, DefenseSpec] = {d.name: d for d in (
     DefenseSpec("quantize", "bits", _on_clean(quantize), False),
     DefenseSpec("correlated_noise", "alpha", _on_clean(correlated_noise), False, ("sigma",)),
     DefenseSpec("resize_pad", "max_extra", _on_clean(resize_pad), False),
+    DefenseSpec("random_resize_pad", "max_extra", _build_random_resize_pad, False, ("resize_back", "method")),
+    DefenseSpec("jpeg", "quality",
+                lambda model, params, level, input_shape, subsample=True: jpeg(model_scorer(model, params), level,
+                                                                             subsample, input_shape), False,
+                ("subsample",)),
+    DefenseSpec("output_noise_park", "variance", _on_clean(output_noise_park), True, ("mean",)),
+    DefenseSpec("aaa", "attractor_interval", _on_clean(aaa), False,
+                ("reverse_step", "kind", "temperature", "calibration_weight", "num_iter", "lr", "min_margin")),
 )}
 
 
