@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import sys
 from pathlib import Path
@@ -86,20 +87,38 @@ def get_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- values
 
-def _at_budget(record: dict, key: str):
-    """``<kind>@B`` for a success notion (``asr``, ``asr_stop``, ``asr_clean``, ``asr_lucky``) and its robust
-    accuracies (``robust[_all][_stop]@B``): the share of images with that success within ``B`` queries.
-    ``@BxM`` scales ``B`` by the cell's EOT repeats M (SND's "2K x T", RFD's "M x 1000")."""
-    base, b = key.split("@")
-    b = int(b[:-2]) * record["cell"]["attack"]["eot"] if b.endswith("xM") else int(b)
-    img = record["images"]
+def parse_at(key: str):
+    """``(base, success kind, over all selected images, B, scaled by M)`` of a ``<kind>@B`` table value;
+    ``ValueError`` naming the value if it is not one."""
+    base, _, b = key.partition("@")
+    digits = b[:-2] if b.endswith("xM") else b
     if base.startswith("robust"):
         over_all = base.startswith("robust_all")
         kind = "asr" + base[len("robust_all" if over_all else "robust"):]
     else:
         kind, over_all = base, False
-    if kind not in SUCCESS_KINDS:
-        raise ValueError(f"unknown table value {key!r}")
+    if kind not in SUCCESS_KINDS or not digits.isascii() or not digits.isdigit() or int(digits) < 1:
+        raise ValueError(f"unknown table value {key!r}: '<kind>@B' takes a success notion ({', '.join(SUCCESS_KINDS)}) "
+                         f"or robust[_all][_stop], and a budget B (an int >= 1, optionally 'BxM')")
+    return base, kind, over_all, int(digits), b.endswith("xM")
+
+
+def check_table(grid: dict) -> None:
+    """The resolved grid's ``table`` values that :func:`value` computes (``<kind>@B``) are well formed, so a table
+    never fails after its sweep has run."""
+    for key in (grid.get("table") or {}).get("values", []):
+        if "@" in key:
+            parse_at(key)
+
+
+def _at_budget(record: dict, key: str):
+    """``<kind>@B`` for a success notion (``asr``, ``asr_stop``, ``asr_clean``, ``asr_lucky``) and its robust
+    accuracies (``robust[_all][_stop]@B``): the share of images with that success within ``B`` queries.
+    ``@BxM`` scales ``B`` by the cell's EOT repeats M (SND's "2K x T", RFD's "M x 1000")."""
+    base, kind, over_all, b, scaled = parse_at(key)
+    if scaled:
+        b *= record["cell"]["attack"]["eot"]
+    img = record["images"]
     ok = np.asarray(img[sweep.success_key(kind)], bool) & (np.asarray(img["queries"]) <= b)
     if not len(ok):
         return math.nan
@@ -223,12 +242,14 @@ def render(grid: dict, records: list[dict], command: str, missing=(), pending: i
 
 
 def write_csv(path: Path, cols, rows) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
-                            else r[k]) for k in cols})
+    """The rows as CSV, written atomically (runs sharing ``--out`` never tear it)."""
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
+                        else r[k]) for k in cols})
+    sweep.write_atomic(path, f.getvalue())
 
 
 def plot(path: Path, plot_data, title: str, col_name: str) -> None:
@@ -248,8 +269,10 @@ def plot(path: Path, plot_data, title: str, col_name: str) -> None:
         ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    sweep.write_atomic(path, buf.getvalue())
 
 
 def main(argv=None) -> str:
@@ -265,7 +288,9 @@ def main(argv=None) -> str:
         grid = sweep.without_attacks(grid, missing)
         resolved = sweep.resolve(grid, size)
         cells = sweep.expand(resolved)
-        sweep.plan(cells, args.data_dir)
+        check_table(resolved)
+        runner = sweep.Sweeper(args.cache_dir, args.data_dir, progress=not args.no_progress)
+        sweep.plan(cells, args.data_dir, sweeper=runner, log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         parser.error(str(e))
     name = grid.get("name", "grid")
@@ -280,11 +305,11 @@ def main(argv=None) -> str:
         records = [done.get(c.id) for c in cells]
     else:
         records = sweep.run_sweep(grid, results, size=size, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, sweeper=runner)
     pending = sum(r is None for r in records)
     md, (cols, rows), pdata = render(resolved, records, command, missing, pending)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(md + "\n")
+    sweep.write_atomic(out / "table.md", md + "\n")
     write_csv(out / "table.csv", cols, rows)
     spec = resolved.get("table", {})
     plot(out / "table.png", pdata, f"{spec.get('mirrors', name)} ({name})", spec.get("col_name", ""))

@@ -84,8 +84,9 @@ def default_out(grid: dict, size: str) -> Path:
     return Path("runs") / "sweep" / (name if size == "default" else f"{name}-{size}")
 
 
-def prepare(args, parser) -> tuple[dict, list]:
-    """The grid at the requested size, validated; (grid, missing attack names dropped)."""
+def prepare(args, parser) -> tuple[dict, list, "sweep.Sweeper"]:
+    """The grid at the requested size, validated (image counts too, against the models already trained);
+    (grid, missing attack names dropped, the Sweeper that checked them, to run the cells)."""
     if not args.grid:
         parser.error("--grid is required (a JSON file or a built-in name; see --list)")
     try:
@@ -98,10 +99,11 @@ def prepare(args, parser) -> tuple[dict, list]:
                              f"(yet); registered: {sorted(sweep.ATTACKS)}. Use --skip-missing to run the rest.")
         resolved = sweep.resolve(grid, size_of(args))
         cells = sweep.expand(resolved)
-        sweep.plan(cells, args.data_dir)
+        runner = sweep.Sweeper(args.cache_dir, args.data_dir, progress=not args.no_progress)
+        sweep.plan(cells, args.data_dir, sweeper=runner, log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         parser.error(str(e))
-    return grid, missing
+    return grid, missing, runner
 
 
 def list_grids() -> None:
@@ -129,7 +131,7 @@ def main(argv=None) -> list[dict]:
                                 ("num_processes", args.num_processes), ("process_id", args.process_id))
               if v is not None}
         jax.distributed.initialize(**kw)
-    grid, missing = prepare(args, parser)
+    grid, missing, runner = prepare(args, parser)
     size = size_of(args)
     if missing:
         print(f"note: attack(s) {missing} of grid {grid.get('name')!r} are not registered yet; running the rest",
@@ -140,7 +142,7 @@ def main(argv=None) -> list[dict]:
         return []
     out = Path(args.out) if args.out else default_out(grid, size)
     records = sweep.run_sweep(grid, out, size=size, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, sweeper=runner)
     print(summary(records))
     return records
 

@@ -85,14 +85,17 @@ others which cells are finished.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -116,8 +119,9 @@ from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, defended_accur
 from rnd_jax.evaluate import predict as evaluate_predict
 from rnd_jax.oracle import Oracle
 
-__all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "expand", "flat", "load_grid", "missing_attacks",
-           "plan", "read_results", "resolve", "root_key", "run_sweep", "without_attacks"]
+__all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "check_record", "expand", "flat", "load_grid",
+           "missing_attacks", "plan", "read_results", "resolve", "root_key", "run_sweep", "without_attacks",
+           "write_atomic"]
 
 SIZES = ("smoke", "default", "full")
 GRID_KEYS = ("name", "description", "datasets", "attacks", "defenses", "targeted", "budgets", "norm", "eps",
@@ -127,8 +131,14 @@ EOT_BUDGETS = ("equal", "scaled")
 ATTACK_KEYS = ("name", "config", "sweep", "eot", "label")
 DEFENSE_KEYS = ("name", "levels", "drops", "options", "sweep", "label")
 DATASET_KEYS = ("dataset", "model", "train_seed")
+TABLE_KEYS = ("mirrors", "title", "rows", "cols", "col_name", "values", "note")
 RESULTS = "results.jsonl"
+REJECTED = "results.rejected.jsonl"
 TIMING = "timing.jsonl"
+LOCK = ".lock"  # fcntl lock of the folder's files (results, timing, sweep.json)
+CLAIMS = ".claims"  # one lock file per cell: held by the run that is running it
+INT32_MAX = 2**31 - 1
+BOOL_OPTIONS = ("postprocess", "clip")  # defense options that are booleans (every other option is not)
 
 
 # ----------------------------------------------------------------------------- grids
@@ -160,27 +170,41 @@ def resolve(grid: dict, size: str = "default") -> dict:
     """The grid at ``size``: its ``smoke`` / ``full`` block (if any) overrides top-level keys."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {SIZES}")
+    if not isinstance(grid, dict):
+        raise ValueError(f"a grid must be a dict, got {type(grid).__name__}")
     grid = copy.deepcopy(grid)
     blocks = {s: grid.pop(s, None) for s in ("smoke", "full")}
+    for s, block in blocks.items():  # both blocks are checked whatever the size
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ValueError(f"grid {grid.get('name', '?')!r}: '{s}' must be a dict of top-level overrides, got "
+                             f"{type(block).__name__}")
+        bad = sorted(map(str, set(block) - (set(GRID_KEYS) - {"smoke", "full"})))
+        if bad:
+            raise ValueError(f"grid {grid.get('name', '?')!r}: unknown key(s) {bad} in its '{s}' block "
+                             f"(valid: the top-level keys except 'smoke' and 'full')")
     block = blocks.get(size)
     if block is not None:
-        if not isinstance(block, dict):
-            raise ValueError(f"grid {grid.get('name', '?')!r}: '{size}' must be a dict of top-level overrides")
-        bad = sorted(set(block) - set(GRID_KEYS) - {"smoke", "full"})
-        if bad:
-            raise ValueError(f"grid {grid.get('name', '?')!r}: unknown key(s) {bad} in its '{size}' block")
         grid.update(copy.deepcopy(block))
     return grid
+
+
+def _entry_name(a):
+    """The name of an axis entry (a name or a dict with a 'name'), or None."""
+    n = a if isinstance(a, str) else (a.get("name") if isinstance(a, dict) else None)
+    return n if isinstance(n, str) else None
 
 
 def missing_attacks(grid: dict) -> list[str]:
     """Attack names of ``grid`` (any size) that are not in the attack registry now."""
     names = []
-    for g in (grid, grid.get("smoke") or {}, grid.get("full") or {}):
-        for a in g.get("attacks", ()) or ():
-            n = a if isinstance(a, str) else (a.get("name") if isinstance(a, dict) else None)
-            if isinstance(n, str) and n not in ATTACKS and n not in names:
-                names.append(n)
+    for g in (grid, grid.get("smoke"), grid.get("full")):
+        if isinstance(g, dict) and isinstance(g.get("attacks"), list):
+            for a in g["attacks"]:
+                n = _entry_name(a)
+                if n is not None and n not in ATTACKS and n not in names:
+                    names.append(n)
     return names
 
 
@@ -190,8 +214,7 @@ def without_attacks(grid: dict, names) -> dict:
     names = set(names)
     for g in (grid, grid.get("smoke"), grid.get("full")):
         if isinstance(g, dict) and isinstance(g.get("attacks"), list):
-            g["attacks"] = [a for a in g["attacks"]
-                            if (a if isinstance(a, str) else a.get("name")) not in names]
+            g["attacks"] = [a for a in g["attacks"] if _entry_name(a) is None or _entry_name(a) not in names]
     return grid
 
 
@@ -240,14 +263,57 @@ def _as_list(grid_name, key, value, default=None):
     return value
 
 
-def _int(where, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{where} must be an int >= {minimum}, got {value!r}")
+def _int(where, value, minimum=1, maximum=INT32_MAX):
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]`` (default: within int32, the range of the
+    compiled programs' counters and of the seeds' keys)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ValueError(f"{where} must be an int in [{minimum}, {maximum}], got {value!r}")
     return value
 
 
+def _number(where, value):
+    """``value`` if it is a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def _safe_name(where, value):
+    """``value`` if it is a non-empty string that names nothing outside a folder (no path separator, not '.' or
+    '..', no control character): grid names become folder names, labels may become file names."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a non-empty string, got {value!r}")
+    if "/" in value or "\\" in value or value in (".", "..") or any(ord(ch) < 32 for ch in value):
+        raise ValueError(f"{where} {value!r} would name a path outside the results folder: no '/', '\\', "
+                         f"control characters, '.' or '..'")
+    return value
+
+
+def _no_bools(where, value):
+    """Raise if ``value`` is or holds a bool (a number option given as true/false)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must not be a bool, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _no_bools(where, v)
+    if isinstance(value, dict):
+        for v in value.values():
+            _no_bools(where, v)
+
+
+def _check_option(where, key, value):
+    """A defense option's type: the boolean options are bools, no other option is or holds one."""
+    if key in BOOL_OPTIONS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: option {key!r} must be a bool (true/false), got {value!r}")
+    else:
+        _no_bools(f"{where}: option {key!r}", value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: option {key!r} must be finite, got {value!r}")
+
+
 def _product(sweep: dict, where: str):
-    if not isinstance(sweep, dict):
+    if not isinstance(sweep, dict) or not all(isinstance(k, str) for k in sweep):
         raise ValueError(f"{where}: 'sweep' must be a dict of key -> list of values")
     keys = sorted(sweep)
     for k in keys:
@@ -259,6 +325,9 @@ def _product(sweep: dict, where: str):
 def _axis_entries(grid: dict, name: str, axis: str, valid_keys):
     """Yield ``(index, entry dict, where)`` for the grid's ``axis`` ("attacks" / "defenses"): a bare name
     becomes ``{"name": ...}``; a missing axis, an entry without a name, or unknown keys raise."""
+    if axis in grid and not isinstance(grid[axis], list):
+        raise ValueError(f"grid {name!r}: {axis!r} must be a list of entries, got {type(grid[axis]).__name__} "
+                         f"{grid[axis]!r}")
     entries = _as_list(name, axis, grid.get(axis))
     if entries is None:
         raise ValueError(f"grid {name!r} has no {axis!r} axis")
@@ -269,9 +338,11 @@ def _axis_entries(grid: dict, name: str, axis: str, valid_keys):
             raise ValueError(f"{where} must be a{'n attack' if axis == 'attacks' else ' defense'} name or a dict "
                              f"with a 'name', got {e!r}")
         where += f" {e['name']!r}"
-        bad = sorted(set(e) - set(valid_keys))
+        bad = sorted(map(str, set(e) - set(valid_keys)))
         if bad:
             raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(valid_keys)}")
+        if e.get("label") is not None:
+            _safe_name(f"{where}: label", e["label"])
         yield i, e, where
 
 
@@ -303,6 +374,8 @@ def _defense_entries(grid: dict, name: str):
         options = e.get("options", {})
         if not isinstance(options, dict):
             raise ValueError(f"{where}: 'options' must be a dict")
+        for k, v in options.items():
+            _check_option(where, k, v)
         has_levels, has_drops = "levels" in e, "drops" in e
         if fam == "none":
             if has_levels or has_drops or options or e.get("sweep"):
@@ -318,6 +391,8 @@ def _defense_entries(grid: dict, name: str):
             raise ValueError(f"{where}: '{kind}s' is empty (or not a list)")
         spec = DEFENSES[fam]
         for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{where}: {kind}s must be finite numbers (not bools or strings), got {v!r}")
             if kind == "drop":
                 if not spec.calibratable:
                     ok = sorted(k for k, s in DEFENSES.items() if s.calibratable)
@@ -330,6 +405,8 @@ def _defense_entries(grid: dict, name: str):
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from None
         for sw in _product(e.get("sweep", {}), where):
+            for k, v in sw.items():
+                _check_option(where, k, v)
             opts = {**options, **sw}
             for v in values:
                 v = float(v) if (kind == "drop" or spec.calibratable) else v
@@ -347,6 +424,8 @@ def _datasets(grid: dict, name: str):
         bad = sorted(set(d) - set(DATASET_KEYS))
         if bad:
             raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(DATASET_KEYS)}")
+        if d.get("model") is not None and not isinstance(d["model"], str):
+            raise ValueError(f"{where}: 'model' must be a model name, got {d['model']!r}")
         try:
             ds = data.info(d["dataset"])
             model = d.get("model") or models.DEFAULT_MODEL[d["dataset"]]
@@ -367,11 +446,16 @@ def expand(grid: dict) -> list[Cell]:
     if not isinstance(grid, dict):
         raise ValueError(f"a grid must be a dict, got {type(grid).__name__}")
     name = grid.get("name", "<grid>")
-    bad = sorted(set(grid) - set(GRID_KEYS))
+    bad = sorted(map(str, set(grid) - set(GRID_KEYS)))
     if bad:
         raise ValueError(f"grid {name!r}: unknown key(s) {bad}; valid: {list(GRID_KEYS)}")
+    if "name" in grid:
+        _safe_name("the grid's name", name)
+    if not isinstance(grid.get("description", ""), str):
+        raise ValueError(f"grid {name!r}: 'description' must be a string, got {grid['description']!r}")
     if "smoke" in grid or "full" in grid:
         grid = resolve(grid, "default")
+    _check_table(grid.get("table"), name)
     dsets = _datasets(grid, name)
     seeds = [_int(f"grid {name!r}: seeds", s, 0) for s in _as_list(name, "seeds", grid.get("seeds"), [0])]
     targeted = _as_list(name, "targeted", grid.get("targeted"), [False])
@@ -390,7 +474,7 @@ def expand(grid: dict) -> list[Cell]:
         raise ValueError(f"grid {name!r}: eot_budget must be one of {EOT_BUDGETS}, got {eot_budget!r}")
     calib_draws = _int(f"grid {name!r}: calib_draws", grid.get("calib_draws", 20))
     norm, eps = grid.get("norm"), grid.get("eps")
-    if norm is not None and norm not in BATTERY_EPS:
+    if norm is not None and (not isinstance(norm, str) or norm not in BATTERY_EPS):
         raise ValueError(f"grid {name!r}: unknown norm {norm!r}; choose one of {sorted(BATTERY_EPS)}")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
                             or eps <= 0):
@@ -419,6 +503,9 @@ def expand(grid: dict) -> list[Cell]:
                 raise ValueError(f"{where}: no 'budgets' in the grid and no battery budget for the attack")
             if eot_budget == "scaled":
                 b = b * m
+                if b > INT32_MAX:
+                    raise ValueError(f"{where}: budget {b // m} x eot {m} = {b} is beyond the int32 range of the "
+                                     f"query counters ({INT32_MAX})")
             for di, fam, kind, value, opts, dlabel in defenses:
                 defense = {"name": fam, "options": opts}
                 if kind == "level":
@@ -430,11 +517,30 @@ def expand(grid: dict) -> list[Cell]:
                      "attack": {"name": aname, "config": config, "eot": m},
                      "defense": defense, "targeted": tg, "budget": b, "n_images": n_images, "seed": seed,
                      "protocol": protocol}
-                cell = Cell.make(d, label=_label(d, alabel, dlabel))
+                cell = Cell.make(d, label=_safe_name(f"{where}: the cell label", _label(d, alabel, dlabel)))
                 if cell.id not in seen:
                     seen.add(cell.id)
                     cells.append(cell)
     return cells
+
+
+def _check_table(table, name: str) -> None:
+    """The structure of a grid's ``table`` block (its value keys are checked by ``experiments.paper_tables``)."""
+    if table is None:
+        return
+    where = f"grid {name!r}: table"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a dict, got {type(table).__name__}")
+    bad = sorted(map(str, set(table) - set(TABLE_KEYS)))
+    if bad:
+        raise ValueError(f"{where}: unknown key(s) {bad}; valid: {list(TABLE_KEYS)}")
+    for k in ("rows", "cols", "values"):
+        v = table.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise ValueError(f"{where}: {k!r} must be a list of key names (strings), got {v!r}")
+    for k in ("mirrors", "title", "col_name", "note"):
+        if not isinstance(table.get(k, ""), str):
+            raise ValueError(f"{where}: {k!r} must be a string, got {table[k]!r}")
 
 
 def _protocol_choices(grid: dict, name: str) -> dict:
@@ -489,12 +595,20 @@ def _probe_context(ds: dict, data_dir) -> Context:
     return Context(jnp.asarray(x), jnp.asarray(y), info.num_classes, surrogate=lambda xx, kk: None)
 
 
-def plan(cells: list[Cell], data_dir=None) -> dict[str, dict]:
+def plan(cells: list[Cell], data_dir=None, sweeper: "Sweeper | None" = None, train_models: bool = False,
+         log: Callable[[str], Any] | None = None) -> dict[str, dict]:
     """Check every cell before any runs; returns ``{id: resolved info}`` (full attack config, cost).
 
     Builds each distinct attack (configs validated by the attack's config class, Context needs,
-    EOT wrapping) against the dataset's training pool, checks its budget covers one step, and builds
-    each distinct fixed-level defense against the model's shapes (levels and options validated).
+    EOT wrapping) against the dataset's training pool, checks its budget covers one step (and, with
+    that step, stays within the int32 range of the query counters), and builds each distinct
+    fixed-level defense against the model's shapes (levels and options validated).
+
+    Image counts: with a ``sweeper`` whose model of a cell is trained (in its cache, or
+    ``train_models``: trained now), each distinct image selection is made exactly as the run will
+    make it (so too few correctly classified images, overall or of a class when ``balanced``, fail
+    here); otherwise ``n_images`` is bounded by the test split (per class when ``balanced``) and
+    ``log`` says that the exact count waits for the trained model.
     """
     out, contexts, attacks, defenses = {}, {}, {}, {}
     for cell in cells:
@@ -525,6 +639,9 @@ def plan(cells: list[Cell], data_dir=None) -> dict[str, dict]:
         if c["budget"] < attack.cost:
             raise ValueError(f"{where}: budget {c['budget']} is smaller than one step of the attack "
                              f"({attack.cost} queries with eot {a['eot']})")
+        if c["budget"] + attack.cost > INT32_MAX:
+            raise ValueError(f"{where}: budget {c['budget']} plus one step ({attack.cost} queries) is beyond the "
+                             f"int32 range of the query counters ({INT32_MAX})")
         d = c["defense"]
         if "level" in d:
             dkey = (c["dataset"], c["model"], json.dumps(d, sort_keys=True))
@@ -544,7 +661,44 @@ def plan(cells: list[Cell], data_dir=None) -> dict[str, dict]:
             except (ValueError, TypeError) as err:
                 raise ValueError(f"cell {cell.label!r}: defense {d['name']!r}: {err}") from None
         out[cell.id] = {"attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost)}
+    _check_images(cells, data_dir, sweeper, train_models, log)
     return out
+
+
+def _check_images(cells: list[Cell], data_dir, sweeper, train_models: bool, log) -> None:
+    """Every cell's image selection can be made (see :func:`plan`)."""
+    splits, noted = {}, set()
+    for cell in cells:
+        c = cell.d
+        p = c["protocol"]
+        pool, balanced = p.get("pool", "correct"), p.get("balanced", False)
+        where = f"cell {cell.label!r} (n_images {c['n_images']}, pool {pool!r}{', balanced' if balanced else ''})"
+        mkey = (c["dataset"], c["model"], c["train_seed"])
+        if sweeper is not None and (train_models or sweeper.has_model(c)):
+            try:
+                sweeper.selection(c)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            continue
+        if c["dataset"] not in splits:
+            splits[c["dataset"]] = np.asarray(data.load(c["dataset"], "test", data_dir=data_dir)[1])
+        y = splits[c["dataset"]]
+        k = data.info(c["dataset"]).num_classes
+        n = c["n_images"]
+        if balanced:
+            for cls in range(k):
+                quota = n // k + (cls < n % k)
+                have = int(np.sum(y == cls))
+                if have < quota:
+                    raise ValueError(f"{where}: the test split has {have} images of class {cls}; a balanced "
+                                     f"selection of {n} needs {quota}")
+        elif n > len(y):
+            raise ValueError(f"{where}: the test split has only {len(y)} images")
+        if mkey not in noted and log is not None:
+            noted.add(mkey)
+            log(f"note: model {c['model']!r} ({c['dataset']}, train_seed {c['train_seed']}) is not trained yet: "
+                f"n_images checked against the {len(y)} test images only; the count of correctly classified ones "
+                f"is checked once it is trained, before any cell runs")
 
 
 # ----------------------------------------------------------------------------- keys
@@ -566,31 +720,109 @@ def cell_key(cell: Cell):
 
 # ----------------------------------------------------------------------------- results file
 
-def read_results(path, repair: bool = False) -> dict[str, dict]:
-    """``{id: record}`` of a results file; a partial or corrupt line is ignored (first of duplicates kept).
+RECORD_FIELDS = {"id": str, "label": str, "cell": dict, "attack_config": dict, "cost": int, "metrics": dict,
+                 "defended": dict, "images": dict}
+METRIC_FIELDS = ("n_images", "n_selected", "asr", "asr_stop", "asr_lucky", "asr_clean", "queries_mean")
+DEFENDED_FIELDS = ("acc_clean", "acc_defended_mean", "acc_defended_worst", "p_mis_clean")
 
-    With ``repair`` a partial last line (no final newline: the writer was killed mid-write) is cut
-    off the file, so the next append starts on a fresh line.
+
+def check_record(rec) -> str | None:
+    """Why ``rec`` is not a complete result record (None if it is).
+
+    Complete: a dict with every field a run writes, of its type; its ``id`` is the hash of its own
+    ``cell`` (so a record edited or cut short, or one for another cell, never passes); the metrics
+    and defended accuracy hold their protocol fields, and the per-image lists hold one entry per
+    attacked image.
+    """
+    if not isinstance(rec, dict):
+        return f"not a JSON object ({type(rec).__name__})"
+    for k, t in RECORD_FIELDS.items():
+        if k not in rec:
+            return f"no {k!r} field"
+        if not isinstance(rec[k], t) or (t is int and isinstance(rec[k], bool)):
+            return f"field {k!r} is not a {t.__name__}"
+    for k in ("level", "calibration"):
+        if k not in rec:
+            return f"no {k!r} field"
+    try:
+        want = Cell.make(rec["cell"]).id
+    except (TypeError, ValueError):
+        return "its cell is not canonical JSON"
+    if rec["id"] != want:
+        return f"id {rec['id']!r} is not the hash of its cell ({want})"
+    m, d, img = rec["metrics"], rec["defended"], rec["images"]
+    missing = [k for k in METRIC_FIELDS if k not in m] + [k for k in DEFENDED_FIELDS if k not in d]
+    if missing:
+        return f"metrics or defended accuracy lack {missing}"
+    n = m["n_images"]
+    from rnd_jax.evaluate import SUCCESS_KINDS
+
+    for k in ("queries",) + tuple(success_key(kind) for kind in SUCCESS_KINDS):
+        if not isinstance(img.get(k), list) or len(img[k]) != n:
+            return f"images[{k!r}] is not a list of its {n} images"
+    return None
+
+
+def _parse_line(line: bytes):
+    """``(record, None)`` of a complete record's line, or ``(None, reason)``."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"not JSON ({e})"
+    why = check_record(rec)
+    return (rec, None) if why is None else (None, why)
+
+
+def _scan(raw: bytes):
+    """``(good, rejected)`` of a results file's bytes: ``good`` = [(id, record, line bytes)] (first of
+    duplicates), ``rejected`` = [(line number, text, reason)]; a last line without its newline is rejected
+    as cut short."""
+    good, rejected, first = [], [], {}
+    lines = raw.split(b"\n")
+    for no, line in enumerate(lines, 1):
+        if no == len(lines):
+            if line:
+                rejected.append((no, line, "partial last line (its writer was stopped mid-write)"))
+            break
+        if not line.strip():
+            continue
+        rec, why = _parse_line(line)
+        if why is None and rec["id"] in first:
+            why = f"a second record of cell {rec['id']} (line {first[rec['id']]} is kept)"
+        if why is not None:
+            rejected.append((no, line, why))
+            continue
+        first[rec["id"]] = no
+        good.append((rec["id"], rec, line))
+    return good, rejected
+
+
+def read_results(path, repair: bool = False) -> dict[str, dict]:
+    """``{id: record}`` of the complete records (:func:`check_record`) of a results file; any other line
+    (cut short, not JSON, incomplete, an id that is not its cell's hash, a second record of a cell) is left out.
+
+    With ``repair`` those lines are moved aside: appended, with their reason, to ``results.rejected.jsonl``
+    beside the file, which is rewritten (atomically) with the complete records alone; the caller must hold the
+    folder's lock (:func:`run_sweep` does).
     """
     path = Path(path)
     if not path.exists():
         return {}
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if repair and end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    out = {}
-    for line in raw[:end].splitlines():
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-            out.setdefault(rec["id"], rec)
-    return out
+    good, rejected = _scan(path.read_bytes())
+    if repair and rejected:
+        _move_aside(path, good, rejected)
+    return {rid: rec for rid, rec, _ in good}
+
+
+def _move_aside(path: Path, good, rejected) -> None:
+    lines = [(json.dumps({"file": path.name, "line": no, "reason": why,
+                          "text": text.decode("utf-8", errors="replace")}, sort_keys=True) + "\n").encode()
+             for no, text, why in rejected]
+    with open(path.with_name(REJECTED), "ab") as f:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    write_atomic(path, b"".join(line + b"\n" for _, _, line in good))
 
 
 def _append_line(path: Path, obj) -> None:
@@ -599,6 +831,126 @@ def _append_line(path: Path, obj) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _cut_partial_tail(path: Path) -> None:
+    """Cut a last line without its newline (a writer stopped mid-write) off a JSONL file."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_atomic(path, data) -> None:
+    """Write ``data`` (bytes or str) to ``path`` atomically: a temporary file of a unique name in the same folder,
+    fsynced, then ``os.replace``d over ``path``, so concurrent writers never tear or mix a file (the last one
+    wins) and a reader sees the old or the new file, whole."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class _Folder:
+    """A results folder that several runs may share: an ``fcntl`` lock serializes every read-to-decide and write
+    of its files, and a run claims a cell (an exclusive lock on ``.claims/<id>``, released when the run ends or
+    dies) and re-reads the results under the lock before running it, so each cell is run and written once."""
+
+    def __init__(self, out: Path, log):
+        self.out, self.log = Path(out), log
+        self.path = self.out / RESULTS
+        self.done: dict[str, dict] = {}
+        self._seen = None  # (inode, bytes read) of the results file
+        self._claims: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def locked(self):
+        with open(self.out / LOCK, "ab") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def reload(self) -> None:
+        """(Under the lock.) Read the whole results file; move the lines that are not complete records aside."""
+        if not self.path.exists():
+            self.done, self._seen = {}, None
+            return
+        good, rejected = _scan(self.path.read_bytes())
+        if rejected:
+            _move_aside(self.path, good, rejected)
+            shown = "; ".join(f"line {no}: {why}" for no, _, why in rejected[:5])
+            self.log(f"{self.path}: {len(rejected)} line(s) are not complete records and were moved to "
+                     f"{self.out / REJECTED} (their cells run again): {shown}{' ...' if len(rejected) > 5 else ''}")
+        self.done = {rid: rec for rid, rec, _ in good}
+        st = os.stat(self.path)
+        self._seen = (st.st_ino, st.st_size)
+
+    def refresh(self) -> None:
+        """(Under the lock.) Read the lines appended since the last read (the whole file if it was replaced)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.done, self._seen = {}, None
+            return
+        if self._seen is None or self._seen[0] != st.st_ino or st.st_size < self._seen[1]:
+            return self.reload()
+        with open(self.path, "rb") as f:
+            f.seek(self._seen[1])
+            raw = f.read()
+        if not raw:
+            return
+        good, rejected = _scan(raw)
+        if rejected or any(rid in self.done for rid, _, _ in good):
+            return self.reload()
+        self.done.update((rid, rec) for rid, rec, _ in good)
+        self._seen = (st.st_ino, self._seen[1] + len(raw))
+
+    def claim(self, cell: Cell, wait: bool) -> str:
+        """``"run"`` (claimed: not done, no other run on it), ``"done"`` (recorded), or ``"busy"`` (another run
+        holds it; only without ``wait``, which blocks until that run lets go)."""
+        (self.out / CLAIMS).mkdir(exist_ok=True)
+        fd = os.open(self.out / CLAIMS / cell.id, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return "busy"
+        with self.locked():
+            self.refresh()
+        if cell.id in self.done:
+            os.close(fd)
+            return "done"
+        self._claims[cell.id] = fd
+        return "run"
+
+    def record(self, rec: dict, timing: dict) -> None:
+        with self.locked():
+            _append_line(self.path, rec)
+            _append_line(self.out / TIMING, timing)
+            self.refresh()
+
+    def release(self, cell: Cell) -> None:
+        fd = self._claims.pop(cell.id, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def _strict(obj):
@@ -615,9 +967,7 @@ def _strict(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_strict(obj), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_strict(obj), indent=1, sort_keys=True) + "\n")
 
 
 def flat(record: dict) -> dict:
@@ -650,12 +1000,43 @@ class Sweeper:
         return int(self.mesh.devices.size)
 
     # --- shared pieces
+    def has_model(self, c: dict) -> bool:
+        """Whether the cell's model is loaded or in the checkpoint cache (so :meth:`model` trains nothing)."""
+        if (c["dataset"], c["model"], c["train_seed"]) in self._models:
+            return True
+        path = train.cache_path(c["model"], c["dataset"], train.TrainConfig(seed=c["train_seed"]), self.cache_dir)
+        return (path / "meta.json").exists()
+
+    def _load(self, name: str, dataset: str, seed: int):
+        """(model, params) from the checkpoint cache, trained first if missing (one process only).
+
+        Under ``jax.distributed`` a checkpoint is restored onto this process's first device: Orbax
+        would otherwise restore it onto the devices that saved it, which the other processes lack.
+        """
+        tcfg = train.TrainConfig(seed=seed)
+        if jax.process_count() == 1:
+            return train.load_or_train(name, dataset, tcfg, cache_dir=self.cache_dir, data_dir=self.data_dir,
+                                       progress=self.progress)
+        import orbax.checkpoint as ocp
+
+        path = train.cache_path(name, dataset, tcfg, self.cache_dir)
+        if not (path / "meta.json").exists():
+            raise ValueError(f"model {name!r} ({dataset}, train seed {seed}) is not in the checkpoint cache "
+                             f"{path.parent}: with several processes every model must be trained beforehand (run "
+                             f"the grid once without --distributed, e.g. its --smoke size, with the same --cache-dir)")
+        meta = json.loads((path / "meta.json").read_text())
+        model = models.get_model(meta["model"], num_classes=meta["num_classes"])
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                                jax.ShapeDtypeStruct((1, *meta["input_shape"]), jnp.float32))["params"]
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), shapes)
+        with ocp.StandardCheckpointer() as ckptr:
+            return model, ckptr.restore(path / "params", target)
+
     def model(self, c: dict):
         k = (c["dataset"], c["model"], c["train_seed"])
         if k not in self._models:
-            tcfg = train.TrainConfig(seed=c["train_seed"])
-            model, params = train.load_or_train(c["model"], c["dataset"], tcfg, cache_dir=self.cache_dir,
-                                                data_dir=self.data_dir, progress=self.progress)
+            model, params = self._load(c["model"], c["dataset"], c["train_seed"])
             x, y = data.load(c["dataset"], "test", data_dir=self.data_dir)
             self._models[k] = (model, params, model_scorer(model, params), x, y)
         return self._models[k]
@@ -666,9 +1047,7 @@ class Sweeper:
             x, y = data.load(c["dataset"], "train", data_dir=self.data_dir)
             surrogate = None
             if "surrogate" in needs:
-                tcfg = train.TrainConfig(seed=c["train_seed"] + 1)
-                sm, sp = train.load_or_train(c["model"], c["dataset"], tcfg, cache_dir=self.cache_dir,
-                                             data_dir=self.data_dir, progress=self.progress)
+                sm, sp = self._load(c["model"], c["dataset"], c["train_seed"] + 1)
                 surrogate = model_scorer(sm, sp)
             self._ctx[k] = Context(jnp.asarray(x), jnp.asarray(y), data.info(c["dataset"]).num_classes, surrogate)
         return self._ctx[k]
@@ -757,7 +1136,7 @@ class Sweeper:
         if k not in self._runners:
             _, _, clean, _, _ = self.model(c)
             compiled = pytree.jit(_sweep_runner, out_shardings=NamedSharding(self.mesh, P()))
-            bundle = pytree.place((attack, spec, clean, protocol), NamedSharding(self.mesh, P()))
+            bundle = _replicate((attack, spec, clean, protocol), NamedSharding(self.mesh, P()))
             self._runners[k] = lambda *args: compiled(bundle, *args)
         return self._runners[k]
 
@@ -825,6 +1204,23 @@ class Sweeper:
                 "defended": self.defended_accuracy(c, level), "images": images}
 
 
+def _replicate(tree, sharding):
+    """``tree`` with its arrays replicated on ``sharding``. Under ``jax.distributed`` each process builds every
+    array from its own host copy (equal on every process): a device array of one process cannot be sent to the
+    devices of another on CPU."""
+    if jax.process_count() == 1:
+        return pytree.place(tree, sharding)
+    arrays, static = pytree.partition(tree)
+    placed = []
+    for a in arrays:
+        if a is None or jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            placed.append(a if a is None else pytree.place(a, sharding))
+            continue
+        host = np.asarray(a)
+        placed.append(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
+    return pytree.combine(placed, static)
+
+
 class DefenseAt(NamedTuple):
     """A cell's defense, to build inside the compiled program (``params`` are pytree leaves)."""
 
@@ -862,13 +1258,26 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def _done_mask(cells: list[Cell], done: dict) -> np.ndarray:
-    mask = np.asarray([c.id in done for c in cells], np.int32)
+def _broadcast(values) -> np.ndarray:
+    """Process 0's int32 ``values``, on every process (one collective when there are several; else as is)."""
+    values = np.asarray(values, np.int32)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
-    return mask.astype(bool)
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    return values
+
+
+def _done_mask(cells: list[Cell], done: dict) -> np.ndarray:
+    return _broadcast([c.id in done for c in cells]).astype(bool)
+
+
+ACTIONS = ("run", "done", "busy")  # a cell's fate in one pass, decided by process 0 (see run_sweep)
+
+
+def _agree(action: str | None) -> str:
+    """Process 0's action for a cell, on every process (the others pass None)."""
+    return ACTIONS[int(_broadcast([ACTIONS.index(action) if action is not None else 0])[0])]
 
 
 def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, progress: bool = True,
@@ -876,25 +1285,34 @@ def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, p
     """Expand, validate, and run (resumably) every unfinished cell of ``grid``; records in cell order.
 
     ``grid``: a dict, a JSON file or a built-in name. Nothing runs (and ``out`` is not created)
-    unless the whole grid validates.
+    unless the whole grid validates, image counts included (the models are trained first if needed).
+
+    Resume trusts only complete records (:func:`check_record`): any other line of ``results.jsonl`` is
+    reported, moved to ``results.rejected.jsonl`` with its reason, and its cell is run again. Several runs
+    may share ``out`` (two sweeps, two tables sharing cells): each claims a cell before running it and
+    re-reads the results under the folder's lock, so every cell runs and is written once; a cell another run
+    holds is left for later, then waited for (and run here if that run dies). With several JAX processes
+    (``jax.distributed``) every process runs every cell together; process 0 alone reads and writes ``out`` and
+    claims cells, and tells the others which to run.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     grid = resolve(load_grid(grid), size)
     cells = expand(grid)
-    plan(cells, data_dir)
+    sweeper = sweeper or Sweeper(cache_dir, data_dir, progress=progress)
+    plan(cells, data_dir, sweeper=sweeper, train_models=True, log=log)
     out = Path(out)
     writer = _is_writer()
     path = out / RESULTS
-    done = {}
+    folder = _Folder(out, log) if writer else None
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        done = read_results(path, repair=True)
-        read_results(out / TIMING, repair=True)
-        _write_json(out / "sweep.json", {"grid": grid, "size": size, "cells": [
-            {"id": c.id, "label": c.label, "cell": c.d} for c in cells]})
-    mask = _done_mask(cells, done)
+        with folder.locked():
+            folder.reload()
+            _cut_partial_tail(out / TIMING)
+            _write_json(out / "sweep.json", {"grid": grid, "size": size, "cells": [
+                {"id": c.id, "label": c.label, "cell": c.d} for c in cells]})
+    mask = _done_mask(cells, folder.done if writer else {})
     pending = [c for c, m in zip(cells, mask) if not m]
-    sweeper = sweeper or Sweeper(cache_dir, data_dir, progress=progress)
     log(f"sweep {grid.get('name', '')!r} ({size}): {len(cells)} cells, {len(cells) - len(pending)} already done, "
         f"{len(pending)} to run on {sweeper.n_devices} device(s); results in {path}")
     from tqdm.auto import tqdm
@@ -902,19 +1320,35 @@ def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, p
     bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc="cells", unit="cell",
                disable=not (progress and writer), file=sys.stderr, dynamic_ncols=True)
     new = {}
-    try:
-        for cell in pending:
+
+    def attempt(cell: Cell, wait: bool) -> str:
+        action = _agree(folder.claim(cell, wait) if writer else None)
+        if action == "run":
             bar.set_postfix_str(cell.label[:60])
             t0 = time.time()
-            rec = sweeper.run(cell)
-            if writer:
-                _append_line(path, rec)
-                _append_line(out / TIMING, {"id": cell.id, "label": cell.label, "seconds": time.time() - t0,
-                                            "devices": sweeper.n_devices})
+            try:
+                rec = sweeper.run(cell)
+                if writer:
+                    folder.record(rec, {"id": cell.id, "label": cell.label, "seconds": time.time() - t0,
+                                        "devices": sweeper.n_devices})
+            finally:
+                if writer:
+                    folder.release(cell)
             new[cell.id] = _canon(_strict(rec))
+        if action != "busy":
             bar.update()
+        return action
+
+    try:
+        busy = [cell for cell in pending if attempt(cell, wait=False) == "busy"]
+        if busy:
+            log(f"{len(busy)} cell(s) are being run by another run into {out}: waiting for them")
+        for cell in busy:
+            attempt(cell, wait=True)
     finally:
         bar.close()
     if writer:
-        done = read_results(path)
-    return [done.get(c.id) or new.get(c.id) for c in cells]
+        with folder.locked():
+            folder.refresh()
+        return [folder.done.get(c.id) or new.get(c.id) for c in cells]
+    return [new.get(c.id) for c in cells]

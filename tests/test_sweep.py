@@ -7,7 +7,10 @@
   writes exactly the lines of the one-device run (5 images: padded to 8);
 - at equal total queries, EOT (M = 5) does not give NES its undefended success back at sigma = 1e-2;
 - a sweep killed with SIGKILL mid-run and re-run ends with the lines of an uninterrupted run, none
-  lost or duplicated; a partially written last line is dropped and its cell re-run.
+  lost or duplicated; a partially written last line is dropped and its cell re-run;
+- resume trusts only complete records: a bare id, a record under another cell's id, a line that is not
+  JSON, a record missing a field and a second record of a cell are moved to ``results.rejected.jsonl``
+  with their reasons, and their cells run again.
 """
 
 import copy
@@ -240,7 +243,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_results(reference, 
     assert proc.returncode == -signal.SIGKILL
     before = sweep.read_results(results)  # tolerates a line torn by the kill
     assert 1 <= len(before) < len(ref)
-    timed = len(sweep.read_results(out / sweep.TIMING))
+    timed = (out / sweep.TIMING).read_bytes().count(b"\n") if (out / sweep.TIMING).exists() else 0
     # re-run the same sweep: only the missing cells run
     records = sweep.run_sweep(grid_file, out, progress=False, sweeper=runner)
     assert len(lines(out / sweep.TIMING)) - timed == len(ref) - len(before)
@@ -262,6 +265,33 @@ def test_partial_last_line_is_dropped_and_its_cell_rerun(reference, grid_file, t
     # and a finished sweep re-run changes nothing
     sweep.run_sweep(grid_file, out, progress=False, sweeper=runner)
     assert lines(out / sweep.RESULTS) == ref
+
+
+def test_resume_trusts_only_complete_records(reference, grid_file, tmp_path):
+    """Lines that are not complete records of their cell are moved aside with their reason and their cells run
+    again; before, a bare ``{"id": ...}`` counted as done and later runs failed with a KeyError."""
+    ref, runner = reference
+    ids = [json.loads(x)["id"] for x in ref]
+    out = tmp_path / "bad"
+    out.mkdir()
+    forged = json.loads(ref[1])
+    forged["id"] = ids[2]  # a whole record filed under another cell's id
+    cut = json.loads(ref[3])
+    del cut["images"]["queries"]
+    bad = [json.dumps({"id": ids[2]}), json.dumps(forged), "not json", json.dumps(cut), ref[0]]
+    (out / sweep.RESULTS).write_text("\n".join([ref[0], bad[0], bad[1], ref[1], bad[2], bad[3], bad[4]]) + "\n")
+    said = []
+    records = sweep.run_sweep(grid_file, out, progress=False, sweeper=runner, log=said.append)
+    assert lines(out / sweep.RESULTS) == ref  # the good lines kept as they were, the others' cells re-run in order
+    assert records == [json.loads(x) for x in ref]
+    assert all(sweep.check_record(r) is None for r in records)
+    rejected = [json.loads(x) for x in lines(out / sweep.REJECTED)]
+    assert [r["text"] for r in rejected] == bad and [r["line"] for r in rejected] == [2, 3, 5, 6, 7]
+    reasons = [r["reason"] for r in rejected]
+    assert "no 'label' field" in reasons[0] and "not the hash of its cell" in reasons[1]
+    assert "not JSON" in reasons[2] and "images['queries']" in reasons[3] and "second record" in reasons[4]
+    assert any("5 line(s) are not complete records" in s for s in said)
+    assert "2 already done" in " ".join(said)
 
 
 def test_cell_fields_are_dataclass_free_json():
