@@ -37,6 +37,9 @@ the ones of the paper it reproduces (:mod:`rnd_jax.grids`).
   ``check_queries_mean``: the stop rule's check queries per image.
 - **Distortion** of the ``asr`` successes: L2, L_inf and per-pixel L2 = ``||delta||_2 / d`` with
   ``d = H*W*C`` (the scale of Aithal & Li's Table 12, printed there x 1e-4).
+- **Invalid scores**: an image whose attack saw a non-finite answer stops there
+  (``Result.invalid``); it counts as not fooled under every success notion, ``invalid_scores``
+  is the number of such images and ``invalid`` marks them in the per-image records.
 - **Clean accuracy of the defended model** on the whole test split: expected over the defense's
   noise (mean of ``acc_draws = 40`` independent draws) and the worst of those draws.
 
@@ -188,8 +191,10 @@ def check_success(defended: Scorer, x_adv, labels, targets, check_keys, targeted
     """Fraction of ``m`` defended answers per image that are adversarial: f32[n]."""
 
     def one(x, y, t, k):
-        pred = jnp.argmax(defended(jnp.broadcast_to(x, (m,) + x.shape), query_keys(k, 0, m)), -1)
-        return jnp.mean((pred == t) if targeted else (pred != y))
+        p = defended(jnp.broadcast_to(x, (m,) + x.shape), query_keys(k, 0, m))
+        pred = jnp.argmax(p, -1)
+        fooled = (pred == t) if targeted else (pred != y)
+        return jnp.mean(fooled & jnp.all(jnp.isfinite(p), -1))  # a non-finite answer is not adversarial
 
     return jax.vmap(one)(x_adv, labels, targets, check_keys)
 
@@ -327,7 +332,7 @@ def successes(sel: Selection, res: Result, votes, clean_pred, targeted: bool, ch
     With ``eps`` set, each also requires the final point within the ``norm`` ball of radius ``eps``
     (up to 1e-5 of float slack).
     """
-    within = _within(sel, res, eps, norm)
+    within = _within(sel, res, eps, norm) & ~_invalid(res, len(sel.labels))
     clean_pred = np.asarray(clean_pred)
     return {
         "asr": _success(votes, check_queries) & within,
@@ -376,6 +381,7 @@ def summarize(sel: Selection, res: Result, votes, clean_pred, targeted: bool, ch
         "loss_queries_median": float(np.median(lq[s])) if s.any() else math.nan,
         "queries_total": int(q.sum()),
         "check_queries_mean": float(np.mean(np.asarray(res.check_queries))),
+        "invalid_scores": int(_invalid(res, len(q)).sum()),
         "claims_mean": float(np.mean(np.asarray(res.claims))),
         "l2": _mean(l2[s]),
         "linf": _mean(linf[s]),
@@ -397,6 +403,7 @@ def per_image(sel: Selection, res: Result, votes, clean_pred) -> dict[str, list]
         "steps": np.asarray(res.steps).tolist(),
         "lucky": np.asarray(res.lucky).tolist(),
         "stopped_success": np.asarray(res.success).tolist(),
+        "invalid": _invalid(res, len(sel.labels)).tolist(),
         "check_votes": np.asarray(votes).tolist(),
         "clean_pred": np.asarray(clean_pred).tolist(),
     }
@@ -467,6 +474,11 @@ def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=()):
         for kind, v in ok.items():
             row[f"{kind}_at_{b}"] = float(np.mean(v & (q <= b)))
     return row, per_image(sel, res, votes, clean_pred)
+
+
+def _invalid(res, n: int) -> np.ndarray:
+    """bool[n]: images stopped on a non-finite answer (``Result.invalid``; none when it is not set)."""
+    return np.zeros(n, bool) if res.invalid is None else np.asarray(res.invalid, bool).reshape(n)
 
 
 def _success(votes, m):

@@ -12,6 +12,15 @@ the order the attack asks them, one point = one query) is answered with noise fr
 :class:`BoundOracle` for each step, starting at the number of queries already spent, and counts
 the points the step asks about. Two attacks with the same budget therefore face the same noise
 stream, and any run is a deterministic function of (attack key, defense key).
+
+**Checked answers.** When a query is traced, the scorer's output must be probabilities ``f[B, K]``
+for the ``B`` points asked, with ``K >= 2`` classes (``K = Oracle.num_classes`` when that is set):
+anything else is a ``ValueError`` at trace time. At run time every answer is checked for
+non-finite scores (one ``isfinite`` reduction per call, on the probabilities before they are
+reduced to a label): the driver watches a step (:func:`watch`) and stops an image whose answers
+were not all finite. The flag travels out of the loops an attack builds with :func:`live_while`
+and :func:`live_cond`; answers asked inside a bare ``lax`` loop (or a ``vmap`` inside a step) are
+not seen by the watcher, so attacks build their query loops with those two.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax._src import core as _core
 
 from rnd_jax.defenses import Scorer
 
@@ -43,22 +53,28 @@ def query_keys(defense_key, first_query, n: int):
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(defense_key, q)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["scorer"], meta_fields=["output"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scorer"], meta_fields=["output", "num_classes"])
 @dataclasses.dataclass(frozen=True)
 class Oracle:
     """A scorer seen through an output type. ``oracle.bind(key, q0)(x)`` answers queries.
 
-    A pytree whose leaves are the scorer's arrays (:mod:`rnd_jax.pytree`).
+    ``num_classes``: the number of classes the scorer must answer (checked when a query is traced);
+    ``None`` takes it from the scorer's output shape (:func:`class_count`). A pytree whose leaves
+    are the scorer's arrays (:mod:`rnd_jax.pytree`).
     """
 
     scorer: Scorer
     output: str = "scores"
+    num_classes: int | None = None
 
     def __post_init__(self):
-        if self.output not in OUTPUTS:
+        if not isinstance(self.output, str) or self.output not in OUTPUTS:
             raise ValueError(f"unknown oracle output {self.output!r}; choose one of {OUTPUTS}")
         if not callable(self.scorer):
             raise ValueError("Oracle.scorer must be a callable (x, keys) -> probabilities")
+        k = self.num_classes
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+            raise ValueError(f"Oracle.num_classes must be an int >= 2 or None, got {k!r}")
 
     def answer(self, probs):
         """Reduce probabilities ``f32[B, K]`` to this oracle's output type."""
@@ -70,11 +86,59 @@ class Oracle:
         return Top1(label, jnp.take_along_axis(probs, label[:, None], axis=-1)[:, 0])
 
     def query(self, defense_key, first_query, x):
-        """Answer the points ``x: f32[B, H, W, C]`` numbered ``first_query, first_query+1, ...``."""
-        return self.answer(self.scorer(x, query_keys(defense_key, first_query, x.shape[0])))
+        """Answer the points ``x: f32[B, H, W, C]`` numbered ``first_query, first_query+1, ...``.
+
+        The scores' shape is checked (module docstring) and their finiteness reported to the
+        innermost :func:`watch`.
+        """
+        return self._ask(defense_key, first_query, x)[0]
+
+    def _ask(self, defense_key, first_query, x):
+        """(answer, number of classes K) of :meth:`query`."""
+        probs = self.scorer(x, query_keys(defense_key, first_query, x.shape[0]))
+        k = check_scores(probs, x.shape[0], self.num_classes, "the oracle's scorer")
+        _report(~jnp.all(jnp.isfinite(probs)))
+        return self.answer(probs), k
 
     def bind(self, defense_key, first_query, budget: int | None = None) -> "BoundOracle":
         return BoundOracle(self, defense_key, first_query, budget)
+
+
+def check_scores(probs, n: int, num_classes: int | None = None, what: str = "the scorer") -> int:
+    """Trace-time check that ``probs`` are scores ``f[n, K]`` (``K >= 2``, ``= num_classes`` if set); returns K."""
+    shape, dtype = jnp.shape(probs), getattr(probs, "dtype", None)
+    if len(shape) != 2 or shape[0] != n or shape[1] < 2:
+        raise ValueError(f"{what} must return probabilities f32[B, K] (K >= 2 classes) for B = {n} points; "
+                         f"got shape {tuple(shape)}")
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{what} must return floating-point probabilities; got dtype {dtype}")
+    if num_classes is not None and shape[1] != num_classes:
+        raise ValueError(f"{what} answers {shape[1]} classes; the oracle declares num_classes={num_classes}")
+    return int(shape[1])
+
+
+def class_count(oracle: Oracle, point_shape) -> int:
+    """The number of classes ``oracle`` answers for points of shape ``(H, W, C)``, without running the model.
+
+    ``oracle.num_classes`` if set, else the scorer's output shape on one abstract point
+    (``jax.eval_shape``; a :class:`QueryCounter` inside does not count it). A scorer that cannot take
+    such points, or answers anything but ``f[1, K]``, raises ``ValueError``.
+    """
+    if oracle.num_classes is not None:
+        return oracle.num_classes
+    point = jax.ShapeDtypeStruct((1,) + tuple(point_shape), jnp.float32)
+    _PROBE.depth = getattr(_PROBE, "depth", 0) + 1
+    try:
+        out = jax.eval_shape(lambda x: oracle.scorer(x, query_keys(jax.random.key(0), 0, 1)), point)
+    except Exception as e:  # the model's own error, whatever its type, means these images do not fit it
+        raise ValueError(f"the oracle's scorer cannot answer images of shape {tuple(point_shape)}: "
+                         f"{type(e).__name__}: {e}") from e
+    finally:
+        _PROBE.depth -= 1
+    return check_scores(out, 1, None, "the oracle's scorer")
+
+
+_PROBE = threading.local()  # depth > 0 while class_count traces a scorer abstractly
 
 
 class BoundOracle:
@@ -96,6 +160,7 @@ class BoundOracle:
         self._first = first_query
         self.budget = budget
         self.used = 0
+        self.classes = None  # K of the scorer's answers, once a query was traced
 
     @property
     def spent(self):
@@ -110,7 +175,7 @@ class BoundOracle:
         """Answer ``x``; its points are numbered after every point this step has asked so far."""
         if x.ndim != 4:
             raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
-        out = self._oracle.query(self._key, self._first + self.used, x)
+        out, self.classes = self._oracle._ask(self._key, self._first + self.used, x)
         self.used += x.shape[0]
         return out
 
@@ -125,7 +190,8 @@ class BoundOracle:
         """
         if x.ndim != 4:
             raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
-        return self._oracle.query(self._key, self._first + offset, x)
+        out, self.classes = self._oracle._ask(self._key, self._first + offset, x)
+        return out
 
 
 # ----------------------------------------------------------------------------- live points
@@ -163,28 +229,93 @@ def _living(pred):
 
 
 def live_while(cond, body, init):
-    """``jax.lax.while_loop(cond, body, init)`` whose body's points are live only while ``cond`` holds."""
+    """``jax.lax.while_loop(cond, body, init)`` whose body's points are live only while ``cond`` holds.
+
+    The loop also carries whether any answer its body saw was non-finite, and reports it to the
+    enclosing :func:`watch` after the loop.
+    """
+
+    asked = []
 
     def wrapped(c):
-        with _living(cond(c)):
-            return body(c)
+        inner, bad = c
+        with _living(cond(inner)), watch() as seen:
+            out = body(inner)
+        asked.append(seen.asked)
+        return out, bad | seen.invalid
 
-    return jax.lax.while_loop(cond, wrapped, init)
+    out, bad = jax.lax.while_loop(lambda c: cond(c[0]), wrapped, (init, jnp.zeros((), bool)))
+    if any(asked):  # a query was traced in the body
+        _report(bad)
+    return out
 
 
 def live_cond(pred, true_fn, false_fn, *operands):
-    """``jax.lax.cond`` whose branches' points are live only when the branch is the one taken."""
+    """``jax.lax.cond`` whose branches' points are live only when the branch is the one taken.
+
+    Whether the taken branch saw a non-finite answer is reported to the enclosing :func:`watch`.
+    """
     pred = jnp.asarray(pred, bool)
 
-    def t(*a):
-        with _living(pred):
-            return true_fn(*a)
+    asked = []
 
-    def f(*a):
-        with _living(~pred):
-            return false_fn(*a)
+    def branch(fn, when):
+        def run(*a):
+            with _living(when), watch() as seen:
+                out = fn(*a)
+            asked.append(seen.asked)
+            return out, seen.invalid
+        return run
 
-    return jax.lax.cond(pred, t, f, *operands)
+    out, bad = jax.lax.cond(pred, branch(true_fn, pred), branch(false_fn, ~pred), *operands)
+    if any(asked):
+        _report(bad)
+    return out
+
+
+# ----------------------------------------------------------------------------- non-finite answers
+
+class Watch:
+    """What the queries traced inside one :func:`watch` saw: ``invalid`` (bool, traced) and ``asked``."""
+
+    def __init__(self):
+        self.trace = _core.trace_ctx.trace
+        self.invalid = jnp.zeros((), bool)
+        self.asked = False
+
+
+_WATCH = threading.local()
+
+
+@contextlib.contextmanager
+def watch():
+    """Collect, while tracing its block, whether any oracle answer asked there was non-finite.
+
+    ``with watch() as w: ...`` then ``w.invalid`` is a bool (traced under ``jit``) that is True if
+    some scores of a query answered in the block were NaN or inf, and ``w.asked`` says whether any
+    query was traced there. Queries in loops and conds built with :func:`live_while` and
+    :func:`live_cond` are included; those in a bare ``lax`` loop are not (module docstring).
+    """
+    if not hasattr(_WATCH, "stack"):
+        _WATCH.stack = []
+    w = Watch()
+    _WATCH.stack.append(w)
+    try:
+        yield w
+    finally:
+        _WATCH.stack.pop()
+
+
+def _report(bad):
+    """Add ``bad`` to the innermost watch, if it was opened at the current trace level (else drop it)."""
+    stack = getattr(_WATCH, "stack", None)
+    if not stack:
+        return
+    w = stack[-1]
+    if _core.trace_ctx.trace is not w.trace:  # inside a bare lax loop of this block: its values cannot leave
+        return
+    w.invalid = w.invalid | bad
+    w.asked = True
 
 
 class QueryCounter:
@@ -202,6 +333,8 @@ class QueryCounter:
         self.calls = 0
 
     def __call__(self, x, keys):
+        if isinstance(x, jax.core.Tracer) and getattr(_PROBE, "depth", 0):
+            return self.scorer(x, keys)  # an abstract shape probe (class_count), not a query
         if isinstance(x, jax.core.Tracer):
             raise RuntimeError("QueryCounter counts concrete queries: run under jax.disable_jit() without vmap")
         self.count += int(x.shape[0])

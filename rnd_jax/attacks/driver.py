@@ -49,6 +49,14 @@ On an undefended model the three rules give identical runs. The rule's verdict i
 ``int32`` index into :data:`STOP_RULES` (``rule=`` of :func:`run`), so one compiled program serves
 every rule.
 
+**Checked inputs and answers.** :func:`run` and :func:`run_one` call :func:`validate` first: on concrete
+inputs every check (``ValueError`` naming the option); on inputs traced by an outer ``jit`` only what
+shapes and dtypes allow (those callers validate the concrete values first, as
+:func:`rnd_jax.evaluate.evaluate_cell` does). The scorer's answers are checked for shape when traced
+(:func:`rnd_jax.oracle.check_scores`) and for finiteness at run time: a step whose answers (or the stop
+rule's checks) were not all finite ends its image with ``Result.invalid`` set, ``success`` and ``lucky``
+False and ``x_adv`` the point before that step (its queries are counted).
+
 **Queries.** ``Result.queries`` counts every budgeted query (success checks of the attack included, and
 the stop rule's checks with ``count=True``). ``Result.loss_queries`` leaves out the points an attack
 asks only to check success (``Attack.checks`` per step: NES's query at its current point, ...), the
@@ -65,11 +73,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnd_jax.oracle import Oracle, live_while, query_keys
+from rnd_jax.oracle import Oracle, check_scores, class_count, live_while, query_keys, watch
 
 STOP_RULES = ("single", "verified", "clean")
 NORMS = ("linf", "l2")
 CHECK_STREAM = 0x7FFFFFFF  # sub-stream of an image's check key used by the stop rule's checks
+INT32_MAX = 2 ** 31 - 1  # queries are counted in int32
 
 
 class Attack(NamedTuple):
@@ -129,6 +138,7 @@ class Carry(NamedTuple):
     rejected: jax.Array  # the point whose verification was last rejected (NaN: none)
     claims: jax.Array  # i32: steps after which the attack claimed success
     check_queries: jax.Array  # i32: queries the stop rule asked (verified: 9 per claim)
+    invalid: jax.Array  # bool: an answer of the attack's queries or of the rule's checks was NaN/inf
 
 
 class Result(NamedTuple):
@@ -144,6 +154,7 @@ class Result(NamedTuple):
     loss_queries: jax.Array  # i32: queries without the attack's pure success checks and the rule's checks
     check_queries: jax.Array  # i32: the stop rule's check queries
     claims: jax.Array  # i32: steps that ended with the attack claiming success
+    invalid: Any = None  # bool: stopped on a non-finite answer (then success and lucky are False); None: unknown
 
 
 def trace_stride(budget: int, cost: int, trace_len: int) -> tuple[int, int]:
@@ -153,42 +164,85 @@ def trace_stride(budget: int, cost: int, trace_len: int) -> tuple[int, int]:
     return slots, math.ceil(max_steps / slots)
 
 
-def validate(attack: Attack, oracle: Oracle, budget, x0, label, target=None, batched: bool = True):
+def _traced(a) -> bool:
+    return isinstance(a, jax.core.Tracer)
+
+
+def _dtype(a):
+    return a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
+def validate(attack: Attack, oracle: Oracle, budget, x0, label, target=None, batched: bool = True,
+             stop: StopRule = SINGLE, trace_len: int = 256):
     """Check a run's configuration and inputs in plain Python, before anything is traced.
 
-    Raises ``ValueError`` on: a budget that is not a positive int or is smaller than one step; an
-    oracle whose output type the attack cannot use; images of the wrong rank, non-finite or outside
-    [0, 1]; labels/targets of the wrong shape or out of range; a target equal to the label.
+    Raises ``ValueError`` on: an ``attack`` that is not an :class:`Attack`, an ``oracle`` that is not an
+    :class:`rnd_jax.oracle.Oracle` or whose output type the attack cannot use; a budget that is not a
+    positive int, is smaller than one step, or does not fit the int32 query count with one step and the
+    stop rule's checks on top; a ``stop`` that is not a :class:`StopRule`; a ``trace_len`` that is not a
+    positive int; images of the wrong rank or dtype (floating point), non-finite or outside [0, 1];
+    labels/targets of the wrong shape or dtype (integer), outside ``0 .. K-1`` (``K``: the oracle's
+    number of classes, :func:`rnd_jax.oracle.class_count`, found without running the model); a target
+    equal to the label; a targeted attack without targets. Targets of an untargeted attack are ignored.
+
+    Inputs traced by an outer ``jit`` (the experiments and the sweep jit :func:`run` at the top) are
+    checked for what their shapes and dtypes allow; their values (finite, in range, target != label)
+    only when concrete. Costs a pass of NumPy over the concrete images and, for concrete labels, one
+    abstract evaluation of the scorer (``jax.eval_shape``) to find ``K``.
     """
+    if not isinstance(attack, Attack):
+        raise ValueError(f"attack must be an Attack (make_attack(...)), got {type(attack).__name__}")
+    if not isinstance(oracle, Oracle):
+        raise ValueError(f"oracle must be an rnd_jax.oracle.Oracle (Oracle(scorer, output)), "
+                         f"got {type(oracle).__name__}")
+    if not isinstance(stop, StopRule):
+        raise ValueError(f"stop must be a StopRule, got {type(stop).__name__}")
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise ValueError(f"budget must be a positive int (queries), got {budget!r}")
     if budget < attack.cost:
         raise ValueError(f"budget {budget} is smaller than one step of this attack ({attack.cost} queries)")
+    limit = INT32_MAX - attack.cost - stop.checks
+    if budget > limit:
+        raise ValueError(f"budget {budget} is too large: queries are counted in int32, so the budget must be at "
+                         f"most {limit} for this attack and stop rule")
+    if isinstance(trace_len, bool) or not isinstance(trace_len, (int, np.integer)) or trace_len < 1:
+        raise ValueError(f"trace_len must be a positive int, got {trace_len!r}")
     if oracle.output != attack.output:
         raise ValueError(f"this attack needs a {attack.output!r} oracle, got a {oracle.output!r} one")
-    x0 = np.asarray(x0)
     rank = 4 if batched else 3
-    if x0.ndim != rank:
-        raise ValueError(f"images must have rank {rank} ({'[N, H, W, C]' if batched else '[H, W, C]'}), got shape {x0.shape}")
-    if not np.all(np.isfinite(x0)):
-        raise ValueError(f"images must be finite and in [0, 1]; {np.size(x0) - np.isfinite(x0).sum()} values are NaN/inf")
-    if x0.min() < 0.0 or x0.max() > 1.0:
-        raise ValueError(f"images must be in [0, 1]; got range [{x0.min()}, {x0.max()}]")
-    label = np.asarray(label)
-    want = x0.shape[:1] if batched else ()
-    if label.shape != want:
-        raise ValueError(f"labels must have shape {want}, got {label.shape}")
-    if attack.targeted:
-        if target is None:
-            raise ValueError("a targeted attack needs target classes")
-        target = np.asarray(target)
-        if target.shape != want:
-            raise ValueError(f"targets must have shape {want}, got {target.shape}")
-        if np.any(target < 0) or np.any(label < 0):
-            raise ValueError("labels and targets must be class indices >= 0")
-        if np.any(target == label):
-            bad = np.flatnonzero(np.atleast_1d(target == label)).tolist()
-            raise ValueError(f"target equals the true label for image(s) {bad[:10]}")
+    shape = tuple(np.shape(x0))
+    if len(shape) != rank:
+        raise ValueError(f"images must have rank {rank} ({'[N, H, W, C]' if batched else '[H, W, C]'}), "
+                         f"got shape {shape}")
+    if not np.issubdtype(_dtype(x0), np.floating):
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {_dtype(x0)}")
+    want = shape[:1] if batched else ()
+    targets = [("labels", label)] + ([("targets", target)] if attack.targeted else [])
+    if attack.targeted and target is None:
+        raise ValueError("a targeted attack needs target classes")
+    for name, a in targets:
+        if tuple(np.shape(a)) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(np.shape(a))}")
+        if not np.issubdtype(_dtype(a), np.integer):
+            raise ValueError(f"{name} must be integer class indices, got dtype {_dtype(a)}")
+    if not _traced(x0):
+        x = np.asarray(x0)
+        finite = np.isfinite(x)
+        if not finite.all():
+            raise ValueError(f"images must be finite and in [0, 1]; {x.size - int(finite.sum())} values are NaN/inf")
+        if x.size and (x.min() < 0.0 or x.max() > 1.0):
+            raise ValueError(f"images must be in [0, 1]; got range [{x.min()}, {x.max()}]")
+    concrete = [(name, np.asarray(a)) for name, a in targets if not _traced(a)]
+    if concrete:
+        k = class_count(oracle, shape[1:] if batched else shape)
+        for name, a in concrete:
+            if a.size and (a.min() < 0 or a.max() >= k):
+                raise ValueError(f"{name} must be class indices in 0..{k - 1} (the oracle answers {k} classes); "
+                                 f"got range [{a.min()}, {a.max()}]")
+    if len(concrete) == 2:
+        same = np.atleast_1d(concrete[0][1] == concrete[1][1])
+        if same.any():
+            raise ValueError(f"target equals the true label for image(s) {np.flatnonzero(same)[:10].tolist()}")
 
 
 def start(attack: Attack, key, x0, label, target, budget: int, trace_len: int = 256) -> Carry:
@@ -207,6 +261,7 @@ def start(attack: Attack, key, x0, label, target, budget: int, trace_len: int = 
         rejected=jnp.full(jnp.shape(x0), jnp.nan, jnp.float32),
         claims=zero,
         check_queries=zero,
+        invalid=jnp.zeros((), bool),
     )
 
 
@@ -247,11 +302,17 @@ def _rule_index(stop: StopRule, rule):
     return jnp.asarray(rule, jnp.int32), True
 
 
-def _judge(attack: Attack, checker, stop: StopRule, rule, c: Carry, state, queries, budget: int, check_key, clean):
-    """Apply the stop rule after one step: ``(state with done = verdict, queries, check queries, rejected)``."""
+def _judge(attack: Attack, checker, stop: StopRule, rule, c: Carry, state, queries, budget: int, check_key, clean,
+           classes=None):
+    """Apply the stop rule after one step: ``(state with done = verdict, queries, check queries, rejected, bad)``.
+
+    ``bad``: the rule's checks saw a non-finite score (the verdict is then False). ``classes``: the number of
+    classes of the oracle's answers (the checker and the clean scorer must answer as many).
+    """
     mode, traced = _rule_index(stop, rule)
+    bad = jnp.zeros((), bool)
     if not traced and mode == 0:
-        return state, queries, c.check_queries, c.rejected
+        return state, queries, c.check_queries, c.rejected, bad
 
     def is_(k):
         return (mode == k) if traced else jnp.asarray(mode == k)
@@ -275,11 +336,14 @@ def _judge(attack: Attack, checker, stop: StopRule, rule, c: Carry, state, queri
 
         def votes(_):
             xs = jnp.broadcast_to(state.x, (m,) + state.x.shape)
-            pred = jnp.argmax(checker(xs, query_keys(stream, c.check_queries, m)), -1)
-            return jnp.sum(adversarial(pred)).astype(jnp.int32)
+            p = checker(xs, query_keys(stream, c.check_queries, m))
+            check_scores(p, m, classes, "the stop rule's checker (the defended scorer)")
+            pred = jnp.argmax(p, -1)
+            return jnp.sum(adversarial(pred)).astype(jnp.int32), ~jnp.all(jnp.isfinite(p))
 
-        v = run_if(want, votes, jnp.zeros((), jnp.int32))
-        ok = want & (2 * v > m)
+        v, bad_v = run_if(want, votes, (jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+        bad = bad | bad_v
+        ok = want & ~bad_v & (2 * v > m)
         rejected = jnp.where(want & ~ok, state.x, rejected)
         verdict = jnp.where(is_(1), ok, verdict)
         spent = jnp.where(want, m, 0).astype(jnp.int32)
@@ -291,13 +355,17 @@ def _judge(attack: Attack, checker, stop: StopRule, rule, c: Carry, state, queri
             raise ValueError("the 'clean' stop rule needs the undefended scorer (clean=...)")
 
         def fooled(_):
-            return adversarial(jnp.argmax(clean(state.x[None], None), -1)[0])
+            p = clean(state.x[None], None)
+            check_scores(p, 1, classes, "the clean scorer of the 'clean' stop rule")
+            return adversarial(jnp.argmax(p, -1)[0]), ~jnp.all(jnp.isfinite(p))
 
         want = fresh & is_(2)
-        f = run_if(want, fooled, jnp.zeros((), bool)) & within(state.x, c.x0, stop.eps, stop.norm)
+        f, bad_f = run_if(want, fooled, (jnp.zeros((), bool), jnp.zeros((), bool)))
+        bad = bad | bad_f
+        f = f & ~bad_f & within(state.x, c.x0, stop.eps, stop.norm)
         rejected = jnp.where(want & ~f, state.x, rejected)
         verdict = jnp.where(is_(2), f, verdict)
-    return state._replace(done=verdict), queries, n_checks, rejected
+    return state._replace(done=verdict), queries, n_checks, rejected, bad
 
 
 def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: int,
@@ -313,7 +381,7 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
     stop_at = None if max_steps is None else carry.state.step + max_steps
 
     def cond(c: Carry):
-        go = jnp.logical_not(c.state.done) & (c.queries + attack.cost <= budget)
+        go = jnp.logical_not(c.state.done | c.invalid) & (c.queries + attack.cost <= budget)
         if hasattr(c.state, "failed"):
             go = go & jnp.logical_not(c.state.failed)
         if stop_at is not None:
@@ -322,18 +390,26 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
 
     def body(c: Carry) -> Carry:
         bound = oracle.bind(defense_key, c.queries, budget)
-        state, info = attack.step(c.state, bound)
+        with watch() as seen:
+            state, info = attack.step(c.state, bound)
         spent = _spent(attack, bound.used, info)
+        # a step that saw a non-finite answer is undone (its queries stay counted) and ends the image
+        bad = seen.invalid
+        steps = state.step
+        state = jax.tree.map(lambda new, old: jnp.where(bad, old, new), state, c.state)._replace(step=steps)
         claimed = jnp.asarray(state.done, bool)
-        state, queries, n_checks, rejected = _judge(attack, checker, stop, rule, c, state, c.queries + spent,
-                                                    budget, check_key, clean)
+        state, queries, n_checks, rejected, bad_checks = _judge(attack, checker, stop, rule, c, state,
+                                                                c.queries + spent, budget, check_key, clean,
+                                                                bound.classes)
+        invalid = c.invalid | bad | bad_checks
         s = c.state.step
         slot = jnp.minimum(s // stride, slots - 1)
         record = (s % stride) == 0
         tq = jnp.where(record, c.trace_queries.at[slot].set(c.queries), c.trace_queries)
         tl = jnp.where(record, c.trace_loss.at[slot].set(jnp.asarray(info.loss, jnp.float32)), c.trace_loss)
-        return c._replace(state=state, queries=queries, trace_queries=tq, trace_loss=tl, claimed=claimed,
-                          rejected=rejected, claims=c.claims + claimed.astype(jnp.int32), check_queries=n_checks)
+        return c._replace(state=state, queries=queries, trace_queries=tq, trace_loss=tl, claimed=claimed & ~invalid,
+                          rejected=rejected, claims=c.claims + claimed.astype(jnp.int32), check_queries=n_checks,
+                          invalid=invalid)
 
     return live_while(cond, body, carry)
 
@@ -355,7 +431,8 @@ def finish(carry: Carry, attack: Attack | None = None, stop: StopRule = SINGLE) 
     checks = 0 if attack is None else attack.checks
     loss_q = carry.queries - checks * s.step - (carry.check_queries if stop.count else 0)
     return Result(s.x, carry.claimed, carry.queries, s.step, carry.trace_queries, carry.trace_loss,
-                  jnp.asarray(s.done, bool), loss_q.astype(jnp.int32), carry.check_queries, carry.claims)
+                  jnp.asarray(s.done, bool) & ~carry.invalid, loss_q.astype(jnp.int32), carry.check_queries,
+                  carry.claims, carry.invalid)
 
 
 def run_one(attack: Attack, oracle: Oracle, x0, label, target, attack_key, defense_key,
@@ -366,7 +443,15 @@ def run_one(attack: Attack, oracle: Oracle, x0, label, target, attack_key, defen
     ``stop``: the stop rule (module docstring); ``check_key`` (the image's check-noise key) is needed by
     ``"verified"``, ``clean`` (the undefended scorer) by ``"clean"``; ``rule`` optionally overrides
     ``stop.name`` with an index into :data:`STOP_RULES` that may be traced; ``checker`` see :func:`advance`.
+    Inputs are checked by :func:`validate` (``batched=False``): fully when concrete, statically when traced.
     """
+    validate(attack, oracle, budget, x0, label, target, batched=False, stop=stop, trace_len=trace_len)
+    return _run_one(attack, oracle, x0, label, target, attack_key, defense_key, budget, trace_len, stop, check_key,
+                    clean, rule, checker)
+
+
+def _run_one(attack, oracle, x0, label, target, attack_key, defense_key, budget, trace_len, stop, check_key, clean,
+             rule, checker):
     carry = start(attack, attack_key, x0, label, target, budget, trace_len)
     carry = advance(attack, oracle, carry, defense_key, budget, trace_len, stop=stop, check_key=check_key,
                     clean=clean, rule=rule, checker=checker)
@@ -379,13 +464,19 @@ def run(attack: Attack, oracle: Oracle, x0, labels, targets, attack_keys, defens
     """Attack a batch ``x0: f32[N, H, W, C]`` (one key of each kind per image), vmapped.
 
     ``check_keys``: one check-noise key per image (the ``"verified"`` rule); see :func:`run_one`.
+
+    Inputs are checked by :func:`validate` first: every check when they are concrete; under an outer
+    ``jit`` (traced inputs) only shapes and dtypes, so validate the concrete values before jitting (NaN
+    images, labels or targets out of range and target = label are then not caught here). Non-finite
+    answers end an image with ``Result.invalid`` (module docstring).
     """
+    validate(attack, oracle, budget, x0, labels, targets, batched=True, stop=stop, trace_len=trace_len)
     if targets is None:
         targets = jnp.full(jnp.shape(labels), -1, jnp.int32)
     if check_keys is None:
-        fn = lambda x, y, t, ka, kd: run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len, stop, None, clean,
-                                             rule)
+        fn = lambda x, y, t, ka, kd: _run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len, stop, None, clean,
+                                              rule, None)
         return jax.vmap(fn)(x0, labels, targets, attack_keys, defense_keys)
-    fn = lambda x, y, t, ka, kd, kc: run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len, stop, kc, clean,
-                                             rule)
+    fn = lambda x, y, t, ka, kd, kc: _run_one(attack, oracle, x, y, t, ka, kd, budget, trace_len, stop, kc, clean,
+                                              rule, None)
     return jax.vmap(fn)(x0, labels, targets, attack_keys, defense_keys, check_keys)
