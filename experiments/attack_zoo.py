@@ -30,6 +30,8 @@ XLA's default level with about the same run time)::
 Outputs under ``--out``: ``results.json`` (config, one row per attack x cell, per-image records;
 the same seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_noise.png``
 and ``timing.json`` (wall-clock seconds per cell, kept apart so results stay reproducible).
+``rows.jsonl`` holds each (attack, cell) row as soon as it is finished: a killed run, started again
+with the same options, skips those rows and ends with the same ``results.json``.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import dataset_info
-from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
-                                write_timing)
+from experiments.common import (add_model_args, add_protocol_args, add_run_args, apply_smoke, check_out, check_resumable,
+                                cli, dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
+                                write_json, write_timing)
 from rnd_jax import models, plots, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
@@ -85,10 +87,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=50, help="correctly classified test images to attack")
     p.add_argument("--max-queries", type=int, default=None,
                    help="query budget per image for every attack (default: each attack's documented budget)")
-    p.add_argument("--sigmas", type=float, nargs="+", default=None,
-                   help=f"output-noise std levels on probabilities (default {list(DEFAULT_SIGMAS)}; smoke [0, 1e-2])")
-    p.add_argument("--nus", type=float, nargs="+", default=None,
-                   help=f"input-noise std levels (default {list(DEFAULT_NUS)}; smoke [0])")
+    p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS),
+                   help="output-noise std levels on probabilities (smoke: [0, 1e-2])")
+    p.add_argument("--nus", type=float, nargs="+", default=list(DEFAULT_NUS), help="input-noise std levels (smoke: [0])")
     p.add_argument("--eps-linf", type=float, default=None,
                    help="radius of the l_inf attacks (default: the battery's, for 8x8 digits; e.g. 8/255 = 0.0314)")
     p.add_argument("--eps-l2", type=float, default=None, help="radius of the l2 attacks (default: the battery's)")
@@ -106,7 +107,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "reproducible for a given level (and may differ in the last bits between levels)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run for tests: all chosen attacks, 4 images, budget <= {SMOKE_BUDGET} "
-                        "(or two steps), sigma in {0, 1e-2} and nu in {0} unless given, 4 accuracy draws")
+                        "(or two steps), sigma in {0, 1e-2}, nu in {0}, 4 accuracy draws; options given "
+                        "explicitly keep their value")
     return p
 
 
@@ -178,19 +180,23 @@ def level_runner(attack, clean, protocol, sel, keys, options):
     return lambda sigma_nu: functools.partial(compiled, jnp.asarray(sigma_nu, jnp.float32))
 
 
-def configure(args) -> dict:
-    """Validate every option and resolve defaults — before any model is trained or traced."""
-    if args.smoke:
-        args.n_images, args.acc_draws = 4, 4
-    if args.sigmas is None:
-        args.sigmas = [0.0, 1e-2] if args.smoke else list(DEFAULT_SIGMAS)
-    if args.nus is None:
-        args.nus = [0.0] if args.smoke else list(DEFAULT_NUS)
+SMOKE = {"n_images": 4, "acc_draws": 4, "sigmas": [0.0, 1e-2], "nus": [0.0]}  # options left unset only
+
+
+def configure(args, given: set[str] = frozenset()) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced.
+
+    ``given``: the options given explicitly (:func:`experiments.common.given_options`); ``--smoke``
+    changes only the others (and the per-attack budgets only without ``--max-queries``)."""
+    smoke = apply_smoke(args, given, SMOKE)
+    smoke_budget = args.smoke and "max_queries" not in given
+    if smoke_budget:
+        smoke["smoke_set"]["max_queries"] = f"per attack: min(its budget, max({SMOKE_BUDGET}, two steps))"
+    check_out(args.out)
     ds = dataset_info(args.dataset, args)  # ValueError on an unknown dataset
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
-    models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
+    model_name = resolve_model(args, ds)  # unknown, or not built for the dataset's images: ValueError
     surrogate_model = args.surrogate_model or model_name
-    models.get_model(surrogate_model, ds.num_classes)
+    models.check_fits(surrogate_model, ds.image_shape, ds.num_classes, ds.name)
     if surrogate_model == model_name and args.surrogate_seed == args.train_seed:
         raise ValueError("the surrogate must be trained separately: give --surrogate-seed != --train-seed "
                          "or another --surrogate-model")
@@ -221,7 +227,7 @@ def configure(args) -> dict:
         cfg = attack_config(name, args.targeted, {"linf": args.eps_linf, "l2": args.eps_l2}, args.dataset)
         attack = make_attack(name, ctx, **cfg)  # validates the config; nothing is traced
         budget = args.max_queries or spec.battery["budget"]
-        if args.smoke:
+        if smoke_budget:
             budget = min(budget, max(SMOKE_BUDGET, 2 * attack.cost))
         if budget < attack.cost:
             raise ValueError(f"--max-queries {budget} is smaller than one step of {name} ({attack.cost} queries)")
@@ -229,16 +235,18 @@ def configure(args) -> dict:
                      "needs": list(spec.needs)})
     if not runs:
         raise ValueError(f"none of {names} supports {'targeted' if args.targeted else 'untargeted'} attacks")
-    return {
+    cfg = {
         "experiment": "attack_zoo", "dataset": args.dataset, "model": model_name, "num_classes": ds.num_classes,
         "surrogate_model": surrogate_model, "goal": "targeted" if args.targeted else "untargeted",
         "sigmas": sigmas, "nus": nus, "cells": [list(c) for c in grid], "attacks": runs,
         "skipped_attacks": skipped, "n_images": args.n_images, "check_queries": Protocol.check_queries,
         "stop_rule": args.stop_rule, "count_checks": args.count_checks,
         "acc_draws": args.acc_draws, "seed": args.seed, "train_seed": args.train_seed,
-        "surrogate_seed": args.surrogate_seed, "train": None, "surrogate_train": None, "smoke": args.smoke,
-        "xla_backend_optimization_level": args.xla_opt_level,
+        "surrogate_seed": args.surrogate_seed, "train": None, "surrogate_train": None, **smoke,
+        "xla_backend_optimization_level": args.xla_opt_level, "images": None,
     }
+    check_resumable(args.out, cfg)
+    return cfg
 
 
 def _level_label(v: float) -> str:
@@ -288,11 +296,15 @@ def pivot(rows, key: str, fmt: str, grid) -> str:
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    """Run the zoo; each (attack, cell) row is kept in ``rows.jsonl`` as it finishes, so a run started
+    again with the same options and ``--out`` skips the finished rows (and compiles no runner for an
+    attack whose cells are all done); another configuration in that ``--out`` is refused."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
     try:
-        cfg = configure(args)
+        cfg = configure(args, given_options(parser, argv, args))
     except ValueError as e:
-        get_parser().error(str(e))
+        parser.error(str(e))
     targeted = cfg["goal"] == "targeted"
     grid = [tuple(c) for c in cfg["cells"]]
     needs_surrogate = any("surrogate" in r["needs"] for r in cfg["attacks"])
@@ -304,7 +316,17 @@ def main(argv=None) -> dict:
                   surrogate=run_.surrogate)
     sel = select_images(run_.k_data, clean, x_test, y_test, cfg["n_images"], targeted, cfg["num_classes"])
     keys = image_keys(run_.k_attack, run_.k_def_images, sel.index)
-    write_json(out / "config.json", cfg)
+    protocols, attacks = {}, {}
+    for run in cfg["attacks"]:  # every attack checked against the chosen images before anything is written
+        name = run["attack"]
+        attacks[name] = attack = make_attack(name, ctx, **run["config"])
+        protocols[name] = protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=run["budget"],
+                                              acc_draws=cfg["acc_draws"], eps=run["config"]["eps"],
+                                              norm=run["config"]["norm"], stop_rule=cfg["stop_rule"],
+                                              count_checks=cfg["count_checks"])
+        validate_selection(attack, Oracle(clean, attack.output), protocol, sel)
+    cfg["images"] = {"attacked": int(len(sel.labels)), "selected": int(sel.selected)}
+    log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished row
 
     accuracy = {}  # per defense cell: the defended model's clean accuracy over noise draws
     for d, v in grid:
@@ -318,26 +340,30 @@ def main(argv=None) -> dict:
     bar = tqdm(total=len(cfg["attacks"]) * len(grid), desc="attack x cell", disable=not show)
     for run in cfg["attacks"]:
         name = run["attack"]
-        attack = make_attack(name, ctx, **run["config"])
-        protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=run["budget"],
-                            acc_draws=cfg["acc_draws"], eps=run["config"]["eps"], norm=run["config"]["norm"],
-                            stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
-        validate_selection(attack, Oracle(clean, attack.output), protocol, sel)
-        t0 = time.time()
-        runner = level_runner(attack, clean, protocol, sel, keys, options)
-        timing[f"{name}/compile"] = time.time() - t0
-        for d, v in grid:
-            bar.set_postfix_str(f"{name} {d} {v:g}")
+        attack, protocol = attacks[name], protocols[name]
+        runner = None
+
+        def cell(d, v):
+            nonlocal runner
+            if runner is None:  # compiled on the attack's first unfinished cell only
+                t0 = time.time()
+                runner = level_runner(attack, clean, protocol, sel, keys, options)
+                timing[f"{name}/compile"] = time.time() - t0
             t0 = time.time()
             metrics, records = run_cell(runner(levels(d, v)), sel, keys, protocol)
             row = {"attack": name, "goal": cfg["goal"], "defense": d, "level": v, "norm": protocol.norm,
                    "eps": protocol.eps, "budget": protocol.budget, **metrics}
             row.update(acc_clean=acc_clean, acc_defended_mean=accuracy[(d, v)][0],
                        acc_defended_worst=accuracy[(d, v)][1], check_queries=protocol.check_queries * cfg["n_images"])
-            rows.append(row)
+            timing[f"{name}/{d}/{v:g}"] = time.time() - t0
+            return {"row": row, "images": records}
+
+        for d, v in grid:
+            bar.set_postfix_str(f"{name} {d} {v:g}")
             cell_id = f"{name}/{d}/{v:g}"
-            images[cell_id] = records
-            timing[cell_id] = time.time() - t0
+            done = log.unit(f"{name}/{d}/{v!r}", lambda: cell(d, v))
+            rows.append(done["row"])
+            images[cell_id] = done["images"]
             bar.update()
     bar.close()
 
@@ -357,7 +383,7 @@ def main(argv=None) -> dict:
     plot_zoo(rows, out / "asr_vs_noise.png",
              f"{cfg['goal']} score attacks vs randomized defenses on {cfg['dataset']}/{cfg['model']} "
              f"({cfg['n_images']} images)")
-    write_timing(out, timing, t_start)
+    write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
 
 

@@ -49,6 +49,16 @@ def dataset_info(name: str, args=None):
     return data.info(name)
 
 
+def resolve_model(args, ds) -> str:
+    """``--model`` (default: the dataset's model), refused unless it is built for the dataset's images
+    (:func:`rnd_jax.models.check_fits`, listing the models that fit) — before anything is trained."""
+    from rnd_jax import models
+
+    name = args.model or models.DEFAULT_MODEL[ds.name]
+    models.check_fits(name, ds.image_shape, ds.num_classes, ds.name)
+    return name
+
+
 def add_run_args(p, out: str) -> None:
     """Seeds, folders and progress: the options every attack experiment shares (see :func:`setup`)."""
     p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")
@@ -86,11 +96,184 @@ def cli(main, argv=None):
         raise SystemExit(2) from None
 
 
+# ----------------------------------------------------------------------------- explicit options and --smoke
+
+
+def given_options(parser, argv, args) -> set[str]:
+    """The destinations of the options given on the command line (``argv``, default ``sys.argv[1:]``).
+
+    ``args`` is ``parser.parse_args(argv)``; the same ``argv`` is parsed again into a namespace whose
+    every attribute is a sentinel: argparse fills defaults only for attributes the namespace lacks, so
+    an attribute still holding the sentinel was not given (public argparse behaviour, no private fields).
+    """
+    import argparse
+
+    unset = object()
+    again = parser.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
+    return {k for k, v in vars(again).items() if v is not unset}
+
+
+def apply_smoke(args, given: set[str], smoke: dict) -> dict:
+    """``--smoke``: set each option of ``smoke`` (``dest -> value``) that the user did not give.
+
+    Smoke changes defaults only; an option given explicitly keeps the user's value. Returns the record
+    for the config: ``{"smoke": bool, "smoke_set": {dest: value}, "smoke_kept": {dest: user value}}``.
+    """
+    if not args.smoke:
+        return {"smoke": False}
+    applied, kept = {}, {}
+    for dest, value in smoke.items():
+        if dest in given:
+            kept[dest] = getattr(args, dest)
+        else:
+            setattr(args, dest, value)
+            applied[dest] = value
+    return {"smoke": True, "smoke_set": applied, "smoke_kept": kept}
+
+
+# ----------------------------------------------------------------------------- the results folder
+
+
+def check_out(path, flag: str = "--out") -> Path:
+    """``ValueError`` unless ``path`` can be a results folder: an existing writable folder, or a path
+    whose nearest existing parent is a writable folder. Nothing is created: a write is probed with a
+    temporary file (removed at once) in the folder or that parent, so a read-only file system, a
+    missing permission and root's bypass of permission bits are all judged by the file system itself."""
+    import tempfile
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(probe)!r} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        where = "" if probe == out else f" (its parent {str(probe)!r} is not writable)"
+        raise ValueError(f"{flag} {str(path)!r} is not writable{where}: {e.strerror or e}") from None
+    return out
+
+
+CONFIG = "config.json"
+ROWS = "rows.jsonl"
+
+
+def _same_json(obj):
+    """``obj`` as it reads back from a JSON file (tuples as lists, NaN as None)."""
+    return json.loads(json.dumps(clean_json(obj), sort_keys=True))
+
+
+def _differences(old: dict, new: dict, only_given: bool) -> list[str]:
+    keys = [k for k in new if new[k] is not None] if only_given else sorted(set(old) | set(new))
+    return sorted(k for k in keys if not k.startswith("_") and old.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def check_resumable(out: Path, cfg: dict) -> None:
+    """Before any work: ``ValueError`` when ``out`` already holds a run (its ``config.json``) of another
+    configuration. Keys still ``None`` in ``cfg`` (filled in by the setup, e.g. the training config) are
+    compared when the run starts (:func:`open_run`)."""
+    path = Path(out) / CONFIG
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--out {str(out)!r}: cannot read its {CONFIG} ({e}); give another --out") from None
+    diff = _differences(old, _same_json({k: v for k, v in cfg.items() if not k.startswith("_")}), only_given=True)
+    if diff:
+        raise ValueError(f"--out {str(out)!r} holds a run with another configuration (differs in {diff}); "
+                         "give another --out, or remove that folder to start it again")
+
+
+class RunLog:
+    """The finished units of a run, one JSON line each in ``<out>/rows.jsonl``, written as they complete.
+
+    Each line ``{"unit": id, "value": ...}`` is appended with a single ``write`` and ``fsync``-ed, so a
+    run killed at any instant (``kill -9``) keeps every unit it finished; a line cut short by the kill
+    is dropped (and cut off) when the log is read again. A unit already in the log is not recomputed:
+    :meth:`unit` returns its value as read back from JSON (and a freshly computed value goes through the
+    same round trip), so a resumed run continues from exactly the values an uninterrupted one has.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ROWS
+        self.done: dict[str, object] = {}
+        self.resumed = 0
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            good = 0
+            for line in raw.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    break
+                self.done[rec["unit"]] = rec["value"]
+                good += len(line)
+            if good != len(raw):  # a line torn by a kill: cut it off before appending
+                with open(self.path, "r+b") as f:
+                    f.truncate(good)
+
+    def __contains__(self, unit: str) -> bool:
+        return unit in self.done
+
+    def unit(self, unit: str, compute):
+        """The value of ``unit``: from the log, or ``compute()`` then appended to it."""
+        if unit in self.done:
+            self.resumed += 1
+            return self.done[unit]
+        line = json.dumps({"unit": unit, "value": compute()}, sort_keys=True) + "\n"  # NaN/inf kept exactly
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.done[unit] = value = json.loads(line)["value"]
+        return value
+
+
+def open_run(out: Path, cfg: dict) -> RunLog:
+    """Start (or resume) the run in ``out`` once it is known to be valid: creates the folder, writes
+    ``config.json`` (or checks that the one there is this configuration, else ``ValueError``) and
+    returns the :class:`RunLog` of its finished units (a resumed run says so on stderr).
+
+    ``config.json`` is written here, after every check that can fail (options, model, data, image
+    choice, budgets) and before the first result, so a run that fails leaves no config.json, and a
+    folder's config.json always describes the rows beside it: a run of another configuration is
+    refused instead of overwriting it.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    new = _same_json({k: v for k, v in cfg.items() if not k.startswith("_")})
+    path = out / CONFIG
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = _differences(old, new, only_given=False)
+        if diff:
+            raise ValueError(f"--out {str(out)!r} holds a run with another configuration (differs in {diff}); "
+                             "give another --out, or remove that folder to start it again")
+    else:
+        write_json(path, cfg)
+    log = RunLog(out)
+    if log.done:
+        print(f"resuming the run in {out}/: {len(log.done)} finished unit(s) in {ROWS} are not recomputed",
+              file=sys.stderr)
+    return log
+
+
 def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | None = None,
           surrogate_model: str | None = None) -> SimpleNamespace:
     """The start every attack experiment shares, after its options are validated.
 
-    Creates ``args.out``; derives the run's keys from ``args.seed`` (``k_data`` picks the images,
+    Checks ``args.out`` (nothing is created: :func:`open_run` does it once the run is valid); derives the run's keys from ``args.seed`` (``k_data`` picks the images,
     ``k_attack`` and ``k_def_images`` are split per image by :func:`rnd_jax.evaluate.image_keys`,
     ``k_def_acc`` draws the defended-accuracy noise: the same derivation in every experiment, so the
     same seed picks the same images everywhere); loads or trains ``cfg["model"]`` on ``cfg["dataset"]``
@@ -104,8 +287,7 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     from rnd_jax.defenses import model_scorer
     from rnd_jax.evaluate import predict
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(args.out)
     show = not args.no_progress
     t_start = time.time()
     _, k_data, k_attack, k_defense = jax.random.split(jax.random.key(args.seed), 4)
@@ -155,6 +337,7 @@ def clean_json(obj):
 
 
 def write_json(path: Path, obj) -> None:
+    """Strict JSON (NaN/inf as null), written to a temporary file and renamed into place (atomic)."""
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(clean_json(obj), indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -45,7 +45,9 @@ Defaults (16 images, 10 000 queries, 9 attacks x 4 defenses; about 15 minutes on
 
 Outputs under ``--out``: ``results.json`` (config and one row per attack x defense; the same seed gives
 a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_queries.png`` and ``timing.json``
-(wall-clock seconds, kept apart so results stay reproducible).
+(wall-clock seconds, kept apart so results stay reproducible). ``rows.jsonl`` holds each row as soon
+as it is finished: a killed run, started again with the same options, skips those rows and ends with
+the same ``results.json``.
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ import numpy as np
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from experiments.common import dataset_info
-from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
-                                write_timing)
-from rnd_jax import models, pytree
+from experiments.common import (add_model_args, add_protocol_args, add_run_args, apply_smoke, check_out, check_resumable,
+                                cli, dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
+                                write_json, write_timing)
+from rnd_jax import pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level
 from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, image_keys, make_tapped_runner, run_tapped,
@@ -105,19 +107,24 @@ def get_parser() -> argparse.ArgumentParser:
     add_run_args(p, "runs/decision_attacks")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for tests: 3 images, 600 queries (checkpoints 200/600), nu 0 and 1e-2, "
-                        f"sigma 1e-2; attacks {', '.join(SMOKE_ATTACKS)} unless --attacks is given")
+                        f"sigma 1e-2, 2 clean draws, attacks {', '.join(SMOKE_ATTACKS)}; options given explicitly "
+                        "keep their value")
     return p
 
 
-def configure(args) -> dict:
-    """Validate every option and resolve defaults — before any model is trained or traced."""
-    if args.smoke:
-        args.n_images, args.max_queries, args.checkpoints = 3, 600, [200, 600]
-        args.nus, args.sigmas, args.clean_draws = [0.0, 1e-2], [1e-2], 2
-        args.attacks = args.attacks or list(SMOKE_ATTACKS)
+SMOKE = {"n_images": 3, "max_queries": 600, "checkpoints": [200, 600], "nus": [0.0, 1e-2], "sigmas": [1e-2],
+         "clean_draws": 2, "attacks": list(SMOKE_ATTACKS)}  # options left unset only
+
+
+def configure(args, given: set[str] = frozenset()) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced.
+
+    ``given``: the options given explicitly (:func:`experiments.common.given_options`); ``--smoke``
+    changes only the others."""
+    smoke = apply_smoke(args, given, SMOKE)
+    check_out(args.out)
     ds = dataset_info(args.dataset, args)
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
-    models.get_model(model_name, ds.num_classes)
+    model_name = resolve_model(args, ds)
     names = args.attacks or decision_attacks()
     for n in names:
         if n not in ATTACKS or ATTACKS[n].family != "decision" or not ATTACKS[n].supports_untargeted:
@@ -140,18 +147,26 @@ def configure(args) -> dict:
             raise ValueError(f"--eps-{k} must be a finite number > 0, got {v}")
     defenses = [("input_noise", v) for v in nus] + [("output_noise", v) for v in sigmas]
     # validate every attack config now (norm from the registry's battery)
+    placeholder = Context(np.zeros((ds.num_classes,) + ds.image_shape, np.float32),
+                          np.arange(ds.num_classes, dtype=np.int32), ds.num_classes)
     for n in names:
         norm = ATTACKS[n].battery["norm"]
         ATTACKS[n].config(eps=eps[norm], norm=norm, targeted=False)
-    return {
+        cost = make_attack(n, placeholder, **preset_config(n, args.dataset, eps=eps[norm], norm=norm,
+                                                           targeted=False)).cost  # builds, traces nothing
+        if args.max_queries < cost:
+            raise ValueError(f"--max-queries {args.max_queries} is smaller than one step of {n} ({cost} queries)")
+    cfg = {
         "experiment": "decision_attacks", "dataset": args.dataset, "model": model_name, "num_classes": ds.num_classes,
         "attacks": names, "defenses": [{"defense": d, "level": v} for d, v in defenses],
         "checkpoints": checkpoints, "eps": eps, "n_images": args.n_images, "budget": args.max_queries,
         "clean_draws": args.clean_draws, "check_queries": 9, "stop_rule": args.stop_rule,
         "count_checks": args.count_checks, "output_postprocess": args.output_postprocess,
-        "seed": args.seed, "train_seed": args.train_seed, "train": None,
+        "seed": args.seed, "train_seed": args.train_seed, "train": None, **smoke, "images": None,
         "_defenses": defenses,
     }
+    check_resumable(args.out, cfg)
+    return cfg
 
 
 def preset_config(name: str, dataset: str, **config) -> dict:
@@ -246,11 +261,15 @@ COLUMNS_TAIL = [("queries_mean", "q_mean", ".0f"), ("dist_best_median", "d_best"
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    """Run the experiment; each (attack, defense) row is kept in ``rows.jsonl`` as it finishes, so a run
+    started again with the same options and ``--out`` skips the finished rows (and compiles nothing for
+    an attack whose rows are all done); another configuration in that ``--out`` is refused."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
     try:
-        cfg = configure(args)
+        cfg = configure(args, given_options(parser, argv, args))
     except ValueError as e:
-        get_parser().error(str(e))
+        parser.error(str(e))
     defenses = cfg.pop("_defenses")
     run_ = setup(args, cfg, train_split=True)
     out, show, t_start, clean = run_.out, run_.show, run_.t_start, run_.clean
@@ -258,10 +277,20 @@ def main(argv=None) -> dict:
     ctx = Context(train_images=run_.x_train, train_labels=run_.y_train, num_classes=cfg["num_classes"])
     sel = select_images(run_.k_data, clean, x_test, run_.y_test, cfg["n_images"], False, cfg["num_classes"])
     ka, kd, kc = image_keys(run_.k_attack, run_.k_def_images, sel.index)
-    write_json(out / "config.json", cfg)
+    built = {}
+    for name in cfg["attacks"]:  # every attack checked against the chosen images before anything is written
+        norm = ATTACKS[name].battery["norm"]
+        eps = cfg["eps"][norm]
+        attack = make_attack(name, ctx, **preset_config(name, cfg["dataset"], eps=eps, norm=norm, targeted=False))
+        protocol = Protocol(n_images=cfg["n_images"], targeted=False, budget=cfg["budget"], eps=eps, norm=norm,
+                            check_queries=9, stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
+        validate_selection(attack, Oracle(clean, "label"), protocol, sel)
+        built[name] = (norm, eps, attack, protocol)
+    cfg["images"] = {"attacked": int(len(sel.labels)), "selected": int(sel.selected)}
+    log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished row
 
     rows, timing = [], {}
-    n, budget, m = cfg["n_images"], cfg["budget"], 9
+    m = 9
     pmis_fn = p_mis_clean_fn(clean, cfg["output_postprocess"])
     pmis_clean = {}
     for d, v in defenses:
@@ -271,25 +300,27 @@ def main(argv=None) -> dict:
         pmis_clean[(d, v)] = float(np.mean(draws))
     for name in tqdm(cfg["attacks"], desc="attacks", disable=not show):
         t0 = time.time()
-        norm = ATTACKS[name].battery["norm"]
-        eps = cfg["eps"][norm]
-        attack = make_attack(name, ctx, **preset_config(name, cfg["dataset"], eps=eps, norm=norm, targeted=False))
-        protocol = Protocol(n_images=n, targeted=False, budget=budget, eps=eps, norm=norm, check_queries=m,
-                            stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"])
-        validate_selection(attack, Oracle(clean, "label"), protocol, sel)
+        norm, eps, attack, protocol = built[name]
         tap = QueryTap()
         post = cfg["output_postprocess"]
-        run = compile_runner(make_tapped_runner(attack, Partial(_leveled_at, clean, post), clean, protocol, tap))
-        for defense, level in defenses:
+        compiled = []
+
+        def cell(defense, level):
+            if not compiled:  # compiled on the attack's first unfinished row only
+                compiled.append(compile_runner(make_tapped_runner(attack, Partial(_leveled_at, clean, post), clean,
+                                                                  protocol, tap)))
             nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
-            res, votes, clean_pred, taps = run_tapped(run, tap, sel, (ka, kd, kc), protocol, level=(nu, sigma))
+            res, votes, clean_pred, taps = run_tapped(compiled[0], tap, sel, (ka, kd, kc), protocol,
+                                                      level=(nu, sigma))
             label = "none" if level == 0.0 else (f"SND nu={level:g}" if defense == "input_noise"
                                                  else f"output sigma={level:g}")
-            row = {"attack": name, "norm": norm, "eps": eps, "defense": defense, "level": level,
-                   "defense_label": label,
-                   **cell_metrics(sel, res, votes, clean_pred, eps, norm, cfg["checkpoints"], m),
-                   "p_mis": taps["p_mis"], "p_mis_clean": pmis_clean[(defense, level)], "l2_query": taps["l2_query"]}
-            rows.append(row)
+            return {"attack": name, "norm": norm, "eps": eps, "defense": defense, "level": level,
+                    "defense_label": label,
+                    **cell_metrics(sel, res, votes, clean_pred, eps, norm, cfg["checkpoints"], m),
+                    "p_mis": taps["p_mis"], "p_mis_clean": pmis_clean[(defense, level)], "l2_query": taps["l2_query"]}
+
+        for defense, level in defenses:
+            rows.append(log.unit(f"{name}/{defense}/{level!r}", lambda: cell(defense, level)))
         timing[name] = time.time() - t0
 
     tag = lambda b: f"{b // 1000}K" if b % 1000 == 0 else str(b)
@@ -306,7 +337,7 @@ def main(argv=None) -> dict:
     write_csv(out / "results.csv", rows, [k for k, _, _ in columns] + extra)
     asr_plot(rows, cfg["checkpoints"], out / "asr_vs_queries.png",
              f"untargeted decision attacks on {cfg['dataset']}/{cfg['model']} ({cfg['n_images']} images)")
-    write_timing(out, timing, t_start)
+    write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
 
 

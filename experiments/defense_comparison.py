@@ -23,7 +23,9 @@ Default run (digits, 50 images; about 10 minutes on 2 CPU cores)::
 
 Outputs under ``--out``: ``results.json`` (every table and the calibrations), ``results.csv``
 (main table), ``layers.csv``, ``baselines.csv``, ``calibration.csv``, ``config.json``,
-``robust_accuracy.png`` and ``timing.json``.
+``robust_accuracy.png`` and ``timing.json``. ``rows.jsonl`` holds each calibration and each row of
+the tables as soon as it is finished (a row of the main table is one defense cell, all attacks): a
+killed run, started again with the same options, skips those and ends with the same ``results.json``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from experiments.common import dataset_info  # noqa: E402
-from experiments.common import add_protocol_args, cli, setup, table, write_csv, write_json, write_timing  # noqa: E402
+from experiments.common import (add_protocol_args, apply_smoke, check_out, check_resumable, cli, dataset_info,  # noqa: E402
+                                given_options, open_run, resolve_model, setup, table, write_csv, write_json,
+                                write_timing)
 from rnd_jax import data, grids, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
 from rnd_jax.calibrate import calibrate  # noqa: E402
@@ -82,18 +85,35 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--smoke", action="store_true",
-                   help="tiny run for tests (one budget, one layer, baselines with the cross-entropy loss only)")
+                   help="tiny run for tests: 4 images, budget 510, 4 draws, drop 0.02, NES, the last marked layer, "
+                        "2 bits, no correlated noise, baselines with the cross-entropy loss only; options given "
+                        "explicitly keep their value")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def configure(args) -> dict:
-    if args.smoke:
-        args.n_images, args.budgets, args.draws, args.bits, args.alphas = 4, [510], 4, [2], []
-        args.drops, args.attacks = [0.02], args.attacks or ["nes"]
+SMOKE = {"n_images": 4, "budgets": [510], "draws": 4, "bits": [2], "alphas": [], "drops": [0.02],
+         "attacks": ["nes"]}  # options left unset only (and --layers: the last marked layer)
+
+
+def attack_config(name: str, targeted: bool = False, **overrides) -> dict:
+    """An attack's configuration here: untargeted under RFD's settings and radius, targeted (the baselines)
+    with its battery configuration."""
+    conf = {k: v for k, v in ATTACKS[name].battery.items() if k != "budget"}
+    if not targeted:
+        conf |= grids.untargeted_threat({"name": name, "config": grids.RFD_CONFIG.get(name, {})})["config"]
+    return conf | overrides | {"targeted": targeted}
+
+
+def configure(args, given: set[str] = frozenset()) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced.
+
+    ``given``: the options given explicitly (:func:`experiments.common.given_options`); ``--smoke``
+    changes only the others."""
+    smoke = apply_smoke(args, given, SMOKE)
+    check_out(args.out)
     ds = dataset_info(args.dataset, args)
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
-    models.get_model(model_name, ds.num_classes)
+    model_name = resolve_model(args, ds)
     score = sorted(n for n, s in ATTACKS.items() if s.family == "score" and s.supports_untargeted)
     if args.attacks in (None, ["all"]):
         attacks = score if args.attacks else [a for a in DEFAULT_ATTACKS if a in score]
@@ -117,25 +137,37 @@ def configure(args) -> dict:
         raise ValueError("--n-images and --draws must be positive")
     marked = models.perturb_names(models.get_model(model_name, ds.num_classes), ds.image_shape)
     if args.smoke and args.layers is None:
-        args.layers = [marked[-1]]
+        args.layers = smoke["smoke_set"]["layers"] = [marked[-1]]
     layers = list(args.layers or marked)
     bad = [layer for layer in layers if layer not in marked]
     if bad:
         raise ValueError(f"unknown layer(s) {bad}; {model_name} marks {list(marked)}")
-    return {"experiment": "defense_comparison", "dataset": args.dataset, "model": model_name,
+    budget = max(args.budgets)
+    ctx = Context(np.zeros((ds.num_classes,) + ds.image_shape, np.float32), np.arange(ds.num_classes, dtype=np.int32),
+                  ds.num_classes, surrogate=lambda x, keys: None)
+    steps = [(a, attack_config(a)) for a in attacks] + [("nes", attack_config("nes", True, loss=loss))
+                                                        for loss in ("xent", "cw")]
+    for a, conf in steps:  # building an attack traces nothing; its cost is its worst-case step
+        cost = make_attack(a, ctx, **conf).cost
+        if budget < cost:
+            raise ValueError(f"--budgets: the largest, {budget}, is smaller than one step of {a} ({cost} queries)")
+    cfg = {"experiment": "defense_comparison", "dataset": args.dataset, "model": model_name,
             "num_classes": ds.num_classes, "image_shape": list(ds.image_shape), "attacks": attacks,
             "budgets": sorted(args.budgets), "drops": list(args.drops), "layer_drop": args.layer_drop,
             "layers": layers, "bits": list(args.bits), "alphas": list(args.alphas), "corr_eps": args.corr_eps,
             "n_images": args.n_images, "draws": args.draws, "seed": args.seed, "train_seed": args.train_seed,
             "stop_rule": args.stop_rule, "count_checks": args.count_checks, "pool": args.pool,
-            "balanced": args.balanced, "eps": grids.UNTARGETED_EPS}
+            "balanced": args.balanced, "eps": grids.UNTARGETED_EPS, "budget_run": budget, "train": None, **smoke,
+            "images": None}
+    check_resumable(args.out, cfg)
+    return cfg
 
 
 def main(argv=None) -> dict:
     parser = get_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = configure(args)
+        cfg = configure(args, given_options(parser, argv, args))
     except ValueError as e:
         parser.error(str(e))
     needs_surrogate = any("surrogate" in ATTACKS[a].needs for a in cfg["attacks"])
@@ -146,22 +178,20 @@ def main(argv=None) -> dict:
     timing = {}
     shape = tuple(cfg["image_shape"])
     ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), cfg["num_classes"], surrogate)
-    write_json(out / "config.json", cfg)
-    budget = max(cfg["budgets"])
+    budget = cfg["budget_run"]
 
     sel_u = select_images(k_data, clean, x_test, y_test, cfg["n_images"], False, cfg["num_classes"], pool=cfg["pool"],
                           balanced=cfg["balanced"])
     sel_t = select_images(k_data, clean, x_test, y_test, cfg["n_images"], True, cfg["num_classes"])
     keys_u = image_keys(k_attack, k_def_images, sel_u.index)
     keys_t = image_keys(k_attack, k_def_images, sel_t.index)
+    cfg["images"] = {"untargeted": {"selected": int(sel_u.selected), "attacked": int(len(sel_u.labels))},
+                     "targeted": {"selected": int(sel_t.selected), "attacked": int(len(sel_t.labels))}}
+    log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished row
 
     def attack_cell(name, defended, targeted=False, sel=sel_u, keys=keys_u, **overrides):
         """One cell: untargeted under RFD's protocol and attack settings, targeted under Aithal & Li's."""
-        spec = ATTACKS[name]
-        conf = {k: v for k, v in spec.battery.items() if k != "budget"}
-        if not targeted:
-            conf |= grids.untargeted_threat({"name": name, "config": grids.RFD_CONFIG.get(name, {})})["config"]
-        conf |= overrides | {"targeted": targeted}
+        conf = attack_config(name, targeted, **overrides)
         attack = make_attack(name, ctx, **conf)
         rfd = dict(stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"], pool=cfg["pool"],
                    balanced=cfg["balanced"])
@@ -182,11 +212,14 @@ def main(argv=None) -> dict:
     # 1. calibration
     t0 = time.time()
     calibs = []
+    def calibration(fam, d):
+        c = calibrate(model, params, fam, d, x_test, y_test, k_calib, draws=cfg["draws"])
+        return {"family": fam, "target_drop": d, "level": c.level, "accuracy": c.accuracy,
+                "clean_accuracy": c.clean_accuracy, "drop": c.drop, "evaluations": c.evaluations}
+
     for fam in tqdm(FAMILIES, desc="calibrate", disable=not show):
         for d in cfg["drops"]:
-            c = calibrate(model, params, fam, d, x_test, y_test, k_calib, draws=cfg["draws"])
-            calibs.append({"family": fam, "target_drop": d, "level": c.level, "accuracy": c.accuracy,
-                           "clean_accuracy": c.clean_accuracy, "drop": c.drop, "evaluations": c.evaluations})
+            calibs.append(log.unit(f"calibration/{fam}/{d!r}", lambda: calibration(fam, d)))
     timing["calibration"] = time.time() - t0
 
     # 2. main table
@@ -196,7 +229,7 @@ def main(argv=None) -> dict:
     main_rows = []
     total = len(cells) * len(cfg["attacks"])
     with tqdm(total=total, desc="attack x defense", disable=not show) as bar:
-        for fam, level, drop, acc in cells:
+        def main_row(fam, level, drop, acc):
             defended = build_defense(fam, model, params, as_level(fam, level), shape)
             row = {"defense": fam, "target_drop": drop, "level": level, "accuracy": acc}
             for a in cfg["attacks"]:
@@ -207,21 +240,29 @@ def main(argv=None) -> dict:
                 row[f"{a}_queries_mean"] = r["queries_mean"]
                 row[f"{a}_check_queries_mean"] = r["check_queries_mean"]
                 bar.update()
-            main_rows.append(row)
+            return row
+
+        for fam, level, drop, acc in cells:
+            if f"main/{fam}/{drop!r}" in log:
+                bar.update(len(cfg["attacks"]))
+            main_rows.append(log.unit(f"main/{fam}/{drop!r}", lambda: main_row(fam, level, drop, acc)))
     timing["main_table"] = time.time() - t0
 
     # 3. per-layer feature noise
     t0 = time.time()
     layer_rows = []
     gx, gh = models.input_and_feature_grad_norms(model, params, jnp.asarray(sel_u.images), jnp.asarray(sel_u.labels))
-    for layer in tqdm(cfg["layers"], desc="layers", disable=not show):
+    def layer_row(layer):
         c = calibrate(model, params, "feature_noise", cfg["layer_drop"], x_test, y_test, k_calib, draws=cfg["draws"],
                       layers=layer)
         r = attack_cell("nes", build_defense("feature_noise", model, params, as_level("feature_noise", c.level), shape,
                                              layers=layer))
-        layer_rows.append({"layer": layer, "nu": c.level, "accuracy": c.accuracy,
-                           "grad_ratio": float(np.mean(np.asarray(gh[layer] / gx))),
-                           **{f"nes_robust_{b}": robust_all(r, b) for b in cfg["budgets"]}})
+        return {"layer": layer, "nu": c.level, "accuracy": c.accuracy,
+                "grad_ratio": float(np.mean(np.asarray(gh[layer] / gx))),
+                **{f"nes_robust_{b}": robust_all(r, b) for b in cfg["budgets"]}}
+
+    for layer in tqdm(cfg["layers"], desc="layers", disable=not show):
+        layer_rows.append(log.unit(f"layer/{layer}", lambda: layer_row(layer)))
     timing["layers"] = time.time() - t0
 
     # 4. quantization / correlated noise vs white noise of matched output SNR (targeted NES)
@@ -232,7 +273,7 @@ def main(argv=None) -> dict:
               1 / (2 ** b - 1) / math.sqrt(12), {}) for b in cfg["bits"]]
     base += [(f"correlated alpha={a:g}", "correlated_noise", a, {"sigma": cfg["corr_eps"]}) for a in cfg["alphas"]]
     base_rows = []
-    for label, fam, level, opts in tqdm(base, desc="baselines", disable=not show):
+    def base_row(label, fam, level, opts):
         defended = build_defense(fam, model, params, as_level(fam, level), shape, **opts)
         row = {"defense": label}
         for loss in ("xent",) if args.smoke else ("xent", "cw"):  # smoke: one loss (a compiled program less)
@@ -240,7 +281,10 @@ def main(argv=None) -> dict:
             row[f"nes_{loss}_asr_lucky"] = r["asr_lucky"]
             row[f"nes_{loss}_asr"] = r["asr"]
             row[f"nes_{loss}_queries_mean"] = r["queries_mean"]
-        base_rows.append(row)
+        return row
+
+    for label, fam, level, opts in tqdm(base, desc="baselines", disable=not show):
+        base_rows.append(log.unit(f"baseline/{label}", lambda: base_row(label, fam, level, opts)))
     timing["baselines"] = time.time() - t0
 
     b_lo, b_hi = cfg["budgets"][0], cfg["budgets"][-1]
@@ -267,7 +311,7 @@ def main(argv=None) -> dict:
     write_csv(out / "baselines.csv", base_rows, list(base_rows[0]))
     write_csv(out / "calibration.csv", calibs, list(calibs[0]))
     _plot(main_rows, cfg["attacks"], b_lo, b_hi, out / "robust_accuracy.png")
-    write_timing(out, timing, t_start)
+    write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
 
 

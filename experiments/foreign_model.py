@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from experiments.common import add_protocol_args, cli, table, write_csv, write_json, write_timing
+from experiments.common import (add_protocol_args, apply_smoke, check_out, check_resumable, cli, given_options, open_run,
+                                table, write_csv, write_json, write_timing)
 
 ATTACKS = ("square_linf", "simba_dct", "hsja")
 
@@ -45,19 +46,27 @@ def get_parser():
     p.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/foreign_model")
-    p.add_argument("--smoke", action="store_true", help="3 images, budget 300 (at least two steps of each attack)")
+    p.add_argument("--smoke", action="store_true",
+                   help="3 images, budget 300 (at least two steps of each attack); options given explicitly keep "
+                        "their value")
     p.add_argument("--no-progress", action="store_true")
     add_protocol_args(p)
     return p
 
 
-def configure(args) -> dict:
+SMOKE = {"n_images": 3, "budget": 300}  # options left unset only
+
+
+def configure(args, given: set[str] = frozenset()) -> dict:
+    """Validate every option — before the model is trained or anything traced. ``given``: the options
+    given explicitly (:func:`experiments.common.given_options`); ``--smoke`` changes only the others."""
     from rnd_jax.attacks import ATTACKS as REGISTRY
     from rnd_jax.attacks.registry import BATTERY_EPS
     from rnd_jax.defenses import check_level
 
-    if args.smoke:
-        args.n_images, args.budget = 3, 300
+    smoke = apply_smoke(args, given, SMOKE)
+    smoke_budget = args.smoke and "budget" not in given  # smoke: at least two steps of each attack
+    check_out(args.out)
     bad = [a for a in args.attacks if a not in REGISTRY]
     if bad:
         raise ValueError(f"unknown attack(s) {bad}; choose from {sorted(REGISTRY)}")
@@ -74,13 +83,18 @@ def configure(args) -> dict:
     from rnd_jax.attacks import Context, make_attack
 
     placeholder = Context(np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32), 10)
+    budgets = {}
     for a in args.attacks:  # building an attack traces nothing; its cost is its worst-case step
         cost = make_attack(a, placeholder, targeted=False, eps=eps[a]).cost
-        if not args.smoke and args.budget < cost:
+        budgets[a] = max(args.budget, 2 * cost) if smoke_budget else args.budget
+        if budgets[a] < cost:
             raise ValueError(f"--budget {args.budget} is smaller than one step of {a} ({cost} queries)")
-    return {"dataset": "digits", "model": f"sklearn MLPClassifier({args.hidden})", "attacks": list(args.attacks),
-            "sigmas": sigmas, "n_images": args.n_images, "budget": args.budget, "eps": eps, "seed": args.seed,
-            "stop_rule": args.stop_rule, "count_checks": args.count_checks, "hidden": args.hidden}
+    cfg = {"experiment": "foreign_model", "dataset": "digits", "model": f"sklearn MLPClassifier({args.hidden})",
+           "attacks": list(args.attacks), "sigmas": sigmas, "n_images": args.n_images, "budget": args.budget,
+           "budgets": budgets, "eps": eps, "seed": args.seed, "stop_rule": args.stop_rule,
+           "count_checks": args.count_checks, "hidden": args.hidden, **smoke, "images": None}
+    check_resumable(args.out, cfg)
+    return cfg
 
 
 def _attack(bundle, x0, labels, targets, ka, kd, kc):
@@ -100,8 +114,12 @@ def _evaluate(bundle, x_adv, labels, targets, kc):
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
-    cfg = configure(args)
+    """Run the experiment; each (attack, sigma) row is kept in ``rows.jsonl`` as it finishes, so a run
+    started again with the same options and ``--out`` skips the finished rows; another configuration in
+    that ``--out`` is refused."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    cfg = configure(args, given_options(parser, argv, args))
     import jax
     import jax.numpy as jnp
     from sklearn.neural_network import MLPClassifier
@@ -116,8 +134,7 @@ def main(argv=None) -> dict:
     from rnd_jax.oracle import Oracle
 
     t_start = time.time()
-    out = __import__("pathlib").Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(args.out)
     show = not args.no_progress
     x_train, y_train = data.load("digits", "train")
     x_test, y_test = data.load("digits", "test")
@@ -131,14 +148,18 @@ def main(argv=None) -> dict:
     sel = select_images(k_data, clean, x_test, y_test, args.n_images, False, 10)
     keys = image_keys(k_attack, k_defense, sel.index)
     ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), 10)
+    attacks = {}
+    for name in cfg["attacks"]:  # every attack checked against the chosen images before anything is written
+        attacks[name] = attack = make_attack(name, ctx, targeted=False, eps=cfg["eps"][name])
+        validate(attack, Oracle(clean, attack.output), cfg["budgets"][name], sel.images, sel.labels)
+    cfg["images"] = {"attacked": int(len(sel.labels)), "selected": int(sel.selected)}
+    log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished row
     attack_program, eval_program = pytree.jit(_attack), pytree.jit(_evaluate)
     rows, timing = [], {}
     cells = [(a, s) for a in cfg["attacks"] for s in cfg["sigmas"]]
-    for name, sigma in tqdm(cells, desc="cells", disable=not show, file=sys.stderr):
+    def cell(name, sigma):
         t0 = time.time()
-        attack = make_attack(name, ctx, targeted=False, eps=cfg["eps"][name])
-        budget = max(cfg["budget"], 2 * attack.cost) if args.smoke else cfg["budget"]  # smoke: two steps at least
-        validate(attack, Oracle(clean, attack.output), budget, sel.images, sel.labels)  # budget >= one step
+        attack, budget = attacks[name], cfg["budgets"][name]
         protocol = Protocol(n_images=len(sel.labels), targeted=False, budget=budget, eps=cfg["eps"][name],
                             norm=_norm(name), stop_rule=cfg["stop_rule"],
                             count_checks=cfg["count_checks"])
@@ -156,9 +177,14 @@ def main(argv=None) -> dict:
         res = jax.tree.map(np.asarray, res)
         m = summarize(sel, res, np.asarray(votes), np.asarray(clean_pred), False, protocol.check_queries,
                       protocol.eps, protocol.norm)
-        rows.append({"attack": name, "sigma": sigma, "budget": budget, **m, "host_queries": host_q, "driver_queries": driver_q,
-                     "host_calls": host_calls, "host_eval_queries": host.points, "seconds": time.time() - t0})
         timing[f"{name}@{sigma:g}"] = time.time() - t0
+        return {"attack": name, "sigma": sigma, "budget": budget, **m, "host_queries": host_q,
+                "driver_queries": driver_q, "host_calls": host_calls, "host_eval_queries": host.points,
+                "seconds": time.time() - t0}
+
+    for name, sigma in tqdm(cells, desc="cells", disable=not show, file=sys.stderr):
+        rows.append(log.unit(f"{name}/{sigma!r}", lambda: cell(name, sigma)))
+
     cols = [("attack", "attack", "s"), ("sigma", "sigma", "g"), ("asr", "asr", ".2f"), ("asr_lucky", "lucky", ".2f"),
             ("queries_mean", "queries", ".0f"), ("host_queries", "host q", "d"), ("driver_queries", "driver q", "d"),
             ("host_calls", "host calls", "d"), ("seconds", "s", ".1f")]
@@ -168,7 +194,7 @@ def main(argv=None) -> dict:
     write_json(out / "results.json", {"config": cfg, "rows": rows})
     write_csv(out / "results.csv", rows, [c[0] for c in cols] + ["asr_clean", "robust", "loss_queries_mean"])
     _plot(rows, out / "asr.png")
-    write_timing(out, timing, t_start)
+    write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return {"config": cfg, "rows": rows}
 
 

@@ -15,7 +15,9 @@ Default run (digits, 100 images, 10 000 queries, 7 noise levels; a few minutes o
 
 Outputs under ``--out``: ``results.json`` (config, one row per sigma, per-image records; the same
 seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_sigma.png`` and
-``timing.json`` (wall-clock seconds, kept apart so results stay reproducible).
+``timing.json`` (wall-clock seconds, kept apart so results stay reproducible). ``rows.jsonl`` holds
+each sigma's row as soon as it is finished: a killed run, started again with the same options, skips
+those rows and ends with the same ``results.json``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ import time
 
 from tqdm.auto import tqdm
 
-from experiments.common import dataset_info
-from experiments.common import (add_model_args, add_protocol_args, add_run_args, cli, setup, table, write_csv, write_json,
-                                write_timing)
-from rnd_jax import models
+from experiments.common import (add_model_args, add_protocol_args, add_run_args, apply_smoke, check_out, check_resumable,
+                                cli, dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
+                                write_json, write_timing)
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
 from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
@@ -66,17 +67,23 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--acc-draws", type=int, default=40, help="noise draws for the defended clean accuracy")
     add_protocol_args(p, "single")
     add_run_args(p, "runs/nes_vs_output_noise")
-    p.add_argument("--smoke", action="store_true", help="tiny run for tests: 8 images, 1 000 queries, sigma 0 and 1e-2")
+    p.add_argument("--smoke", action="store_true", help="tiny run for tests: 8 images, 1 000 queries, sigma 0 and 1e-2, 4 accuracy draws (options given "
+                        "explicitly keep their value)")
     return p
 
 
-def configure(args) -> dict:
-    """Validate every option and resolve defaults — before any model is trained or traced."""
-    if args.smoke:
-        args.n_images, args.max_queries, args.sigmas, args.acc_draws = 8, 1_000, [0.0, 1e-2], 4
+SMOKE = {"n_images": 8, "max_queries": 1_000, "sigmas": [0.0, 1e-2], "acc_draws": 4}  # options left unset only
+
+
+def configure(args, given: set[str] = frozenset()) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced.
+
+    ``given``: the options given explicitly (:func:`experiments.common.given_options`); ``--smoke``
+    changes only the others."""
+    smoke = apply_smoke(args, given, SMOKE)
+    check_out(args.out)
     ds = dataset_info(args.dataset, args)  # ValueError on an unknown dataset
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
-    models.get_model(model_name, ds.num_classes)  # ValueError on an unknown model
+    model_name = resolve_model(args, ds)  # ValueError on an unknown model or one not built for the dataset
     sigmas = [check_level("sigma", s) for s in args.sigmas]
     if not sigmas:
         raise ValueError("--sigmas needs at least one level")
@@ -84,24 +91,35 @@ def configure(args) -> dict:
                         beta=args.beta, lr=args.lr)
     protocol = Protocol(n_images=args.n_images, targeted=args.targeted, budget=args.max_queries,
                         acc_draws=args.acc_draws, stop_rule=args.stop_rule, count_checks=args.count_checks)
-    return {
+    cost = nes(nes_cfg).cost  # building the attack traces nothing
+    if protocol.budget < cost:
+        raise ValueError(f"--max-queries {protocol.budget} is smaller than one step of NES ({cost} queries: "
+                         f"{args.samples} samples and the check of the current point)")
+    cfg = {
         "experiment": "nes_vs_output_noise", "dataset": args.dataset, "model": model_name,
         "num_classes": ds.num_classes, "sigmas": sigmas, "noise_space": args.noise_space,
         "nes": {k: getattr(nes_cfg, k) for k in ("eps", "norm", "targeted", "samples", "beta", "momentum", "loss_name", "step_size")},
         "protocol": {"n_images": protocol.n_images, "targeted": protocol.targeted, "budget": protocol.budget,
                      "check_queries": protocol.check_queries, "acc_draws": protocol.acc_draws,
                      "stop_rule": protocol.stop_rule, "count_checks": protocol.count_checks},
-        "seed": args.seed, "train_seed": args.train_seed, "train": None,
+        "seed": args.seed, "train_seed": args.train_seed, "train": None, **smoke,
+        "images": None,  # the images actually attacked, once chosen
         "_nes_cfg": nes_cfg, "_protocol": protocol,
     }
+    check_resumable(args.out, cfg)
+    return cfg
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    """Run the experiment; a run interrupted at any point resumes from its finished sigma rows when run
+    again with the same options and ``--out`` (``rows.jsonl``; one row per sigma is the unit); another
+    configuration in that ``--out`` is refused."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
     try:
-        cfg = configure(args)
+        cfg = configure(args, given_options(parser, argv, args))
     except ValueError as e:
-        get_parser().error(str(e))
+        parser.error(str(e))
     nes_cfg, protocol = cfg.pop("_nes_cfg"), cfg.pop("_protocol")
     run = setup(args, cfg)
     out, show, t_start, clean, x_test, y_test = run.out, run.show, run.t_start, run.clean, run.x_test, run.y_test
@@ -109,10 +127,10 @@ def main(argv=None) -> dict:
     sel = select_images(run.k_data, clean, x_test, y_test, protocol.n_images, protocol.targeted, cfg["num_classes"])
     ka, kd, kc = image_keys(run.k_attack, run.k_def_images, sel.index)
     attack = nes(nes_cfg)
-    write_json(out / "config.json", cfg)
+    cfg["images"] = {"attacked": int(len(sel.labels)), "selected": int(sel.selected)}
+    log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished sigma
 
-    rows, images, timing = [], {}, {}
-    for sigma in tqdm(cfg["sigmas"], desc="sigma", disable=not show):
+    def cell(sigma):
         defended = output_noise(clean, sigma, cfg["noise_space"])
         t0 = time.time()
         metrics, records = evaluate_cell(attack, defended, clean, sel, (ka, kd, kc), protocol)
@@ -120,9 +138,14 @@ def main(argv=None) -> dict:
         accs = defended_accuracy(defended, x_test, y_test, k_def_acc, protocol.acc_draws)
         row.update(acc_clean=acc_clean, acc_defended_mean=float(accs.mean()), acc_defended_worst=float(accs.min()),
                    l2_per_pixel_e4=row["l2_per_pixel"] * 1e4)
-        rows.append(row)
-        images[f"{sigma:g}"] = records
         timing[f"{sigma:g}"] = time.time() - t0
+        return {"row": row, "images": records}
+
+    rows, images, timing = [], {}, {}
+    for sigma in tqdm(cfg["sigmas"], desc="sigma", disable=not show):
+        done = log.unit(f"sigma={sigma!r}", lambda: cell(sigma))
+        rows.append(done["row"])
+        images[f"{sigma:g}"] = done["images"]
 
     print(table(rows, COLUMNS))
     print(f"clean accuracy {acc_clean:.4f}; {protocol.n_images} images, budget {protocol.budget}; "
@@ -133,7 +156,7 @@ def main(argv=None) -> dict:
     title = (f"{'targeted' if protocol.targeted else 'untargeted'} NES ({nes_cfg.norm}, eps={nes_cfg.eps:g}, "
              f"{protocol.budget} queries) vs output noise on {cfg['dataset']}/{cfg['model']}")
     asr_vs_level(rows, out / "asr_vs_sigma.png", "sigma", title)
-    write_timing(out, timing, t_start)
+    write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
 
 

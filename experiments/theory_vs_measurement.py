@@ -22,7 +22,8 @@ Default run (digits, 100 images x 9 target classes, 256 noise draws per sigma; a
     python -m experiments.theory_vs_measurement --out runs/theory_vs_measurement
 
 Outputs under ``--out``: ``results.json`` (config, every table, errata evidence; the same seed
-gives the same file), ``config.json``, ``timing.json``, and figures ``fig2_accuracy_snr.png``
+gives the same file), ``config.json``, ``timing.json``, ``rows.jsonl`` (each finished part, kept
+for a resumed run), and figures ``fig2_accuracy_snr.png``
 (Fig. 2 a/b), ``fig3_R_N.png`` (Fig. 3 a/b), ``fig6_prob_negative.png`` (Fig. 6) and
 ``sign_flips.png``.
 """
@@ -42,8 +43,8 @@ import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm)
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments.common import dataset_info
-from experiments.common import cli, table, write_json, write_timing
+from experiments.common import (apply_smoke, check_out, check_resumable, cli, dataset_info, given_options, open_run,
+                                resolve_model, table, write_json, write_timing)
 from rnd_jax import data, models, pytree, stats, train
 from rnd_jax.defenses import feature_noise, input_noise, model_scorer, output_noise
 from rnd_jax.theory import aithal_li, montecarlo, park, rfd
@@ -124,7 +125,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for tests: 12 images, 3 sigmas, 32 draws, input + last marked layer, "
-                        "smaller Monte-Carlo")
+                        "smaller Monte-Carlo; options given explicitly keep their value")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -141,16 +142,23 @@ def _count(name, v, minimum=1):
     return int(v)
 
 
-def configure(args) -> dict:
-    """Validate every option and resolve defaults — before any model is trained or traced."""
+SMOKE = {"n_images": 12, "sigmas": [1e-6, 1e-4, 1e-2], "draws": 32, "acc_draws": 4, "flip_dirs": 4, "flip_draws": 4,
+         "nu_rel": [1.0], "mc_samples": 100_000}  # options left unset only (and --layers: input + the last mark)
+
+
+def configure(args, given: set[str] = frozenset()) -> dict:
+    """Validate every option and resolve defaults — before any model is trained or traced.
+
+    ``given``: the options given explicitly (:func:`experiments.common.given_options`); ``--smoke``
+    changes only the others."""
+    smoke = apply_smoke(args, given, SMOKE)
+    check_out(args.out)
     ds = dataset_info(args.dataset, args)
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
+    model_name = resolve_model(args, ds)
     model = models.get_model(model_name, ds.num_classes)
     marks = ["input", *models.perturb_names(model, ds.image_shape)]
-    if args.smoke:
-        args.n_images, args.sigmas, args.draws, args.acc_draws = 12, [1e-6, 1e-4, 1e-2], 32, 4
-        args.flip_dirs, args.flip_draws, args.nu_rel, args.mc_samples = 4, 4, [1.0], 100_000
-        args.layers = args.layers or ["input", marks[-1]]
+    if args.smoke and args.layers is None:
+        args.layers = smoke["smoke_set"]["layers"] = ["input", marks[-1]]
     sigmas = [_positive("sigma", s) for s in args.sigmas]
     if not sigmas:
         raise ValueError("--sigmas needs at least one level")
@@ -167,15 +175,17 @@ def configure(args) -> dict:
     unknown = [la for la in layers if la not in marks]
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown}; choose among {marks}")
-    return {
+    cfg = {
         "experiment": "theory_vs_measurement", "dataset": args.dataset, "model": model_name,
         "num_classes": ds.num_classes, "image_shape": list(ds.image_shape), "n_images": args.n_images,
         "sigmas": sigmas, "beta": float(args.beta), "n_dirs": args.n_dirs, "draws": args.draws,
         "acc_draws": args.acc_draws, "small": float(args.small), "eps_n": float(args.eps_n), "a_n": float(args.a_n),
         "R_params": R_PARAMS, "mu": float(args.mu), "nu_rel": nu_rel, "layers": layers,
         "flip_dirs": args.flip_dirs, "flip_draws": args.flip_draws, "mc_samples": args.mc_samples,
-        "seed": args.seed, "train_seed": args.train_seed, "train": None,
+        "seed": args.seed, "train_seed": args.train_seed, "train": None, **smoke,
     }
+    check_resumable(args.out, cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- errata evidence
@@ -398,13 +408,17 @@ NOTES = [
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    """Run the comparison; each finished part (a sigma's rows, a sign-flip row, the errata) is kept in
+    ``rows.jsonl``, so a run started again with the same options and ``--out`` skips those parts (Table 1
+    of the model and the gradients are recomputed: the parts start from them); another configuration
+    in that ``--out`` is refused."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
     try:
-        cfg = configure(args)
+        cfg = configure(args, given_options(parser, argv, args))
     except ValueError as e:
-        get_parser().error(str(e))
+        parser.error(str(e))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     show = not args.no_progress
     t_start = time.time()
     timing = {}
@@ -417,7 +431,7 @@ def main(argv=None) -> dict:
     model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
                                         data_dir=args.data_dir, progress=show)
     cfg["train"] = dataclasses.asdict(train_cfg)
-    write_json(out / "config.json", cfg)
+    log = open_run(out, cfg)  # the options are valid: config.json, then one line per finished part
     clean = model_scorer(model, params)
     clean_j = pytree.compiled(clean)
     x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
@@ -441,7 +455,7 @@ def main(argv=None) -> dict:
     # Every defense is compiled once with its noise level (a 0-d array) and the params as arguments.
     rows, acc_rows = [], []
     t0 = time.time()
-    for i, sigma in enumerate(cfg["sigmas"]):
+    def sigma_rows(i, sigma):
         bar.set_postfix_str(f"A at sigma={sigma:g}")
         defended = pytree.compiled(output_noise(clean, jnp.float32(sigma)))
         noise = stats.measure_factor_noise(defended, samples, jax.random.fold_in(k_noise, i), cfg["draws"])
@@ -455,18 +469,25 @@ def main(argv=None) -> dict:
             N_eq8=float(aithal_li.repeated_queries(sigma, t1["mean_ft"], cfg["a_n"], cfg["beta"], cfg["eps_n"])),
             N_consistent=float(aithal_li.repeated_queries_consistent(2 * sigma**2 / t1["mean_ft"] ** 2, cfg["a_n"],
                                                                     cfg["beta"], cfg["eps_n"])))
-        rows.append(row)
         bar.update()
         bar.set_postfix_str(f"accuracy at sigma={sigma:g}")
         acc = stats.output_noise_stats(clean_j, defended, x_test, y_test, jax.random.fold_in(k_acc, i),
                                        cfg["acc_draws"])
         probs = acc.pop("probs")
-        acc_rows.append(dict(
+        acc_row = dict(
             sigma=sigma, **acc,
             acc_pred=float(np.mean(park.class_probability(probs, y_test, sigma, fold=True, n_grid=801))),
             acc_pred_gaussian=float(np.mean(park.class_probability(probs, y_test, sigma, fold=False, n_grid=801))),
-            out_snr_pred_db=float(10 * np.log10(aithal_li.output_snr(acc["mean_sq_norm"], sigma, probs.shape[-1])))))
+            out_snr_pred_db=float(10 * np.log10(aithal_li.output_snr(acc["mean_sq_norm"], sigma, probs.shape[-1]))))
         bar.update()
+        return {"nes_factor": row, "accuracy": acc_row}
+
+    for i, sigma in enumerate(cfg["sigmas"]):
+        if f"sigma/{i}/{sigma!r}" in log:
+            bar.update(2)
+        done = log.unit(f"sigma/{i}/{sigma!r}", lambda: sigma_rows(i, sigma))
+        rows.append(done["nes_factor"])
+        acc_rows.append(done["accuracy"])
     timing["output_noise"] = time.time() - t0
 
     # Sign flips of L(x + mu u) - L(x) under input and feature noise, vs eq. (26) / Theorem 3.
@@ -480,8 +501,8 @@ def main(argv=None) -> dict:
     dim = int(np.prod(cfg["image_shape"]))
     for j, layer in enumerate(cfg["layers"]):
         nu_star = float(mu / math.sqrt(2.0) * np.median(np.sqrt(sq["input"] / np.maximum(sq[layer], 1e-30))))
-        for c in cfg["nu_rel"]:
-            nu = c * nu_star
+
+        def flip_row(layer, c, nu):
             bar.set_postfix_str(f"sign flips {layer} nu={nu:.3g}")
             level = jnp.float32(nu)
             defended = pytree.compiled(input_noise(clean, level) if layer == "input" else
@@ -491,18 +512,22 @@ def main(argv=None) -> dict:
             pred = stats.flip_predictions(sq, values, mu, layer, nu, h=meas["h"], dim=dim)
             n_pairs = meas["flip_dir"].size * meas["draws"]
             p_meas = float(meas["flip"].mean())
-            flip_rows.append(dict(
+            return dict(
                 layer=layer, nu_rel=c, nu=nu, ratio_median=float(np.median(pred["ratio"])),
                 p_eq26=float(pred["eq26"].mean()), p_conditional=float(pred["conditional"].mean()), p_meas=p_meas,
                 p_se=float(np.sqrt(max(p_meas * (1 - p_meas), 1e-12) / n_pairs)),
                 qin_bound=float(pred["qin_bound"].mean()) if "qin_bound" in pred else float("nan"),
-                acc_pred=float(pred["acc_pred"].mean()), acc_meas=meas["acc"]))
+                acc_pred=float(pred["acc_pred"].mean()), acc_meas=meas["acc"])
+
+        for c in cfg["nu_rel"]:
+            nu = c * nu_star
+            flip_rows.append(log.unit(f"sign_flips/{layer}/{c!r}", lambda: flip_row(layer, c, nu)))
             bar.update()
     timing["sign_flips"] = time.time() - t0
 
     t0 = time.time()
     bar.set_postfix_str("errata Monte-Carlo")
-    errata = errata_evidence(jax.random.fold_in(k_mc, 0), cfg["mc_samples"])
+    errata = log.unit("errata", lambda: errata_evidence(jax.random.fold_in(k_mc, 0), cfg["mc_samples"]))
     bar.update()
     timing["errata"] = time.time() - t0
 
@@ -534,7 +559,7 @@ def main(argv=None) -> dict:
                "sign_flips": flip_rows, "errata": errata, "notes": NOTES,
                "samples": {"n": int(len(samples.a)), "dropped_underflow": samples.dropped}}
     write_json(out / "results.json", results)
-    write_timing(out, timing, t_start)
+    write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
 
 
