@@ -23,16 +23,15 @@ both sides alike.
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import dataset_info
-from experiments.common import table
-from rnd_jax import data, models, pytree, train
+from experiments.common import cli, dataset_info, resolve_model, table, write_json
+from rnd_jax import data, pytree, train
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import check_level, model_scorer, output_noise
 from rnd_jax.evaluate import image_keys, select_images
@@ -75,29 +74,62 @@ def get_parser():
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0], help="output-noise levels to time")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="optional JSON file for the numbers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while a model trains")
     return p
+
+
+def check_out_file(path) -> Path:
+    """``ValueError`` unless ``path`` can be written as a file: not a folder, in an existing writable
+    folder. Probed with a temporary file in that folder (removed at once); ``path`` itself is not touched."""
+    import tempfile
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a JSON file name")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {str(path)!r}: its folder {str(folder)!r} does not exist or is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {str(path)!r}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
+    return out
+
+
+def configure(args) -> dict:
+    """Validate every option before any model is trained or timed (``ValueError`` naming the option)."""
+    names = args.attacks or sorted(ATTACKS)
+    bad = [n for n in names if n not in ATTACKS]
+    if bad:
+        raise ValueError(f"unknown attack(s) {bad}; choose from {sorted(ATTACKS)}")
+    for flag, v in (("--n-images", args.n_images), ("--steps", args.steps), ("--repeats", args.repeats)):
+        if v < 1:
+            raise ValueError(f"{flag} must be a positive int, got {v}")
+    sigmas = [check_level("sigma", s) for s in args.sigmas]
+    ds = dataset_info(args.dataset, args)
+    model_name = resolve_model(args, ds)  # unknown, or not built for the dataset's images: ValueError
+    if args.out is not None:
+        check_out_file(args.out)
+    return {"names": names, "sigmas": sigmas, "ds": ds, "model": model_name}
 
 
 def main(argv=None) -> dict:
     parser = get_parser()
     args = parser.parse_args(argv)
-    names = args.attacks or sorted(ATTACKS)
-    bad = [n for n in names if n not in ATTACKS]
-    if bad:
-        parser.error(f"unknown attack(s) {bad}; choose from {sorted(ATTACKS)}")
     try:
-        sigmas = [check_level("sigma", s) for s in args.sigmas]
-        ds = dataset_info(args.dataset, args)
+        c = configure(args)
     except ValueError as e:
         parser.error(str(e))
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
-    model, params = train.load_or_train(model_name, args.dataset, train.TrainConfig(), progress=False)
+    names, sigmas, ds, model_name = c["names"], c["sigmas"], c["ds"], c["model"]
+    show = not args.no_progress
+    model, params = train.load_or_train(model_name, args.dataset, train.TrainConfig(), progress=show)
     clean = model_scorer(model, params)
     x_test, y_test = data.load(args.dataset, "test")
     x_train, y_train = data.load(args.dataset, "train")
     surrogate = None
     if any("surrogate" in ATTACKS[n].needs for n in names):
-        s_model, s_params = train.load_or_train(model_name, args.dataset, train.TrainConfig(seed=1), progress=False)
+        s_model, s_params = train.load_or_train(model_name, args.dataset, train.TrainConfig(seed=1), progress=show)
         surrogate = model_scorer(s_model, s_params)
     ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), ds.num_classes, surrogate)
     n = args.n_images
@@ -143,10 +175,9 @@ def main(argv=None) -> dict:
                               ("ratio_step", "ratio_step", ".2f"), ("ratio_counted", "ratio_counted", ".2f"),
                               ("utilization", "util", ".2f")]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(Path(args.out), out)  # atomic: a killed run leaves no half-written file
     return out
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
