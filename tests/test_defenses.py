@@ -199,10 +199,41 @@ def test_unknown_names_raise_listing_choices(digits_model):
     with pytest.raises(ValueError, match="probs"):
         output_noise(identity_scorer, 0.1, "softmax")
     with pytest.raises(ValueError, match="input_noise"):
-        build_defense("jpeg", model, params, 0.1, (8, 8, 1))
+        build_defense("jpeg2000", model, params, 0.1, (8, 8, 1))
     with pytest.raises(ValueError, match="dense1"):
         build_defense("feature_noise", model, params, 0.1, (8, 8, 1), layers="conv7")
     with pytest.raises(ValueError, match="valid"):
         build_defense("output_noise", model, params, 0.1, (8, 8, 1), layers="conv1")
     assert set(DEFENSES) >= {"none", "output_noise", "output_noise_logits", "input_noise", "feature_noise",
-                             "quantize", "correlated_noise", "resize_pad"}
+                             "quantize", "correlated_noise", "resize_pad", "random_resize_pad", "jpeg",
+                             "output_noise_park", "aaa"}
+    with pytest.raises(ValueError, match="valid"):
+        build_defense("aaa", model, params, 4.0, (8, 8, 1), sigma=0.1)
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda level: input_noise(identity_scorer, level), "nu"),
+    (lambda level: output_noise(identity_scorer, level, "logits"), "sigma"),
+    (lambda level: output_noise(identity_scorer, level), "sigma"),
+    (lambda level: correlated_noise(identity_scorer, level), "alpha"),
+    (lambda level: correlated_noise(identity_scorer, 0.1, level), "sigma"),
+    (lambda level: build_defense("output_noise_park", None, None, level, (8, 8, 1)), "variance"),
+    (lambda level: build_defense("aaa", None, None, level, (8, 8, 1)), "attractor_interval"),
+])
+def test_levels_that_overflow_float32_are_refused_when_built(build, name):
+    """A level whose square (or whose noise on [0, 1] data) overflows float32 is refused, naming the level;
+    the largest accepted level, about 1.8e19, still gives finite noise and a finite variance."""
+    for level in (1e38, 1e300, jnp.float32(1e38), 2e19):
+        with pytest.raises(ValueError, match=f"{name} = .* overflows float32"):
+            build(level)
+    build(1e19)
+
+
+def test_overflowing_levels_are_refused_by_every_noise_family(digits_model):
+    model, params = digits_model
+    for name in ("input_noise", "output_noise", "output_noise_logits", "feature_noise", "output_noise_park"):
+        with pytest.raises(ValueError, match="overflows float32"):
+            build_defense(name, model, params, 1e38, (8, 8, 1))
+    assert np.isfinite(np.float32(1e19) ** 2)  # the largest accepted std keeps a finite variance
+    out = draw(input_noise(identity_scorer, 1e19), 2)  # and finite noisy data
+    assert np.all(np.isfinite(out)) and out.std() > 1e18
