@@ -558,7 +558,11 @@ def aaa(scorer: Scorer, attractor_interval, reverse_step=1.0, kind: str = "linea
     (learning rate ``lr``, betas 0.9 / 0.999, eps 1e-8) from ``u = z`` on
     ``|margin(u) - t| + calibration_weight * |softmax(u)_y - max softmax(z / temperature)|``, where
     ``margin(u)`` is the top-1 minus top-2 logit of ``u``: the calibration term keeps the confidence of the
-    answer at that of the temperature-scaled clean model. The authors' defaults (their ``AAALinear``):
+    answer at that of the temperature-scaled clean model. Where no logits have both (a margin ``t`` allows
+    top-1 probabilities from ``1 / (1 + (K - 1) e^-t)`` to ``1 / (1 + e^-t)`` only: near the decision
+    boundary, where the clean confidence is low), the steps settle on a compromise between the two terms,
+    and the margin seen there need not move against the true one. Cost: ``num_iter`` gradient steps on
+    ``K`` logits per query. The authors' defaults (their ``AAALinear``):
     ``tau = 4``, ``beta = 1``, 100 iterations, weight 5, lr 0.1, and the temperature fitted per model
     to minimise the expected calibration error on validation data (1 when not fitted).
 
