@@ -35,8 +35,20 @@ Several GPU hosts without a cluster manager that JAX detects (on host ``i`` of `
       --coordinator-address host0:8476 --num-processes N --process-id i --out /shared/runs/aithal_table2
 
 (under SLURM, ``srun python -m experiments.sweep ... --distributed`` is enough.) Every process
-must see the same grid, dataset and model cache (train once first, or let each host train the same
-deterministic model).
+must see the same grid, dataset and model cache, with the models trained beforehand by one process
+(e.g. run the grid's ``--smoke`` size once without ``--distributed``). Two CPU processes on one
+machine (how the tests check that the lines equal a one-process run)::
+
+    python -m experiments.sweep --grid g.json --out runs/g --distributed \
+      --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 0 &
+    python -m experiments.sweep --grid g.json --out runs/g --distributed \
+      --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id 1
+
+Independent runs may also share one ``--out`` (two grids sharing cells, or workers started by hand):
+each claims a cell before running it, so every cell runs and is written once (:mod:`rnd_jax.sweep`).
+Results lines that are not complete records are moved to ``results.rejected.jsonl`` and their cells
+run again. ``--dry-run`` runs every check of a real run (image counts against the trained model if it
+is in the cache, else against the test split, with a note).
 """
 
 from __future__ import annotations

@@ -48,8 +48,17 @@ accuracy drops), in that order, so cells that differ only in the noise level are
 one compiled program (calibratable levels are passed to the jitted runner as traced values).
 Everything is validated before any cell runs (:func:`plan`): unknown keys, empty axes, unknown
 attack / defense / dataset / model names, attack configs the attack's config class rejects (e.g. a
-norm the attack does not support), goals the attack does not support, invalid levels or options,
-and budgets smaller than one step of the (EOT-wrapped) attack; the message names the entry.
+norm the attack does not support, a bool for a number), goals the attack does not support, invalid
+levels or options (a bool or a string for a level, a number for a boolean option or a bool inside a
+numeric one), wrong types anywhere (``attacks`` / ``defenses`` not lists, names and labels not
+strings, ``smoke`` / ``full`` / ``table`` blocks that are not dicts of known keys, at every size),
+ints outside int32 (budgets, also after EOT scaling and with one step added; seeds, counts), names
+that would write outside the results folder (a grid name or label with a path separator, ``.`` or
+``..``), budgets smaller than one step of the (EOT-wrapped) attack, and more images than can be
+selected: with the trained model at hand, each selection is made as the run will make it (too few
+correctly classified images, overall or of a class); before it is trained, ``n_images`` is bounded by
+the test split and a note says so (:func:`run_sweep` trains it and checks again before any cell runs).
+The message names the entry.
 
 **Cells and keys.** A cell is the canonical JSON of (dataset, model, train_seed, attack name +
 config overrides + eot M, defense name + level or calibrated drop + options, targeted, budget,
@@ -71,16 +80,30 @@ CPU with ``--xla_force_host_platform_device_count=4``).
 
 **Results** go to ``<out>/results.jsonl``: one JSON line per finished cell (``id``, ``cell``,
 resolved attack config and level, metrics, defended accuracy, per-image records), written with
-one ``write`` then ``flush`` and ``fsync``. A re-run of the same grid skips the cells whose ids are
-there, so a killed sweep resumes where it stopped; a partial last line (killed mid-write) is cut
-off and its cell re-run. Lines hold nothing that depends on timing or device count, so an
-interrupted-and-resumed sweep writes the same lines as an uninterrupted one (in cell order);
-wall-clock times go to ``timing.jsonl``. ``sweep.json`` records the resolved grid and cell ids.
+one ``write`` then ``flush`` and ``fsync``. A re-run of the same grid skips the cells whose
+complete records are there (:func:`check_record`: every field a run writes, and an ``id`` that is
+the hash of the record's own ``cell``), so a killed sweep resumes where it stopped. Any other line
+(cut short by a kill, not JSON, incomplete, filed under another cell's id, a second record of a
+cell) is reported, moved to ``results.rejected.jsonl`` with its reason, and its cell re-run. Lines
+hold nothing that depends on timing or device count, so an interrupted-and-resumed sweep writes the
+same lines as an uninterrupted one (in cell order); wall-clock times go to ``timing.jsonl``.
+``sweep.json`` records the resolved grid and cell ids.
 
-**Several hosts.** Call ``jax.distributed.initialize()`` first (``experiments.sweep
---distributed``); every process expands the same grid and runs every cell together (the mesh
-spans all devices of all hosts); process 0 alone reads and writes the results folder and tells the
-others which cells are finished.
+**Runs sharing a folder.** Two sweeps (or ``experiments.paper_tables`` runs whose grids share cells)
+may run into one ``out`` at once, on one host or on hosts sharing a disk with working ``fcntl``
+locks: every read-to-decide and write of the folder's files holds ``<out>/.lock``; a run claims a
+cell (an exclusive lock on ``<out>/.claims/<id>``, let go when the cell is written or the run dies)
+and re-reads the results before running it. A cell another run holds is left for later, then waited
+for (and run here if that run died), so each cell runs and is written once and every run returns
+every record. Every whole-file write (``sweep.json``, the tables) goes to a temporary file of a
+unique name in the same folder and is renamed over the old one (:func:`write_atomic`).
+
+**Several processes** (``jax.distributed``; ``experiments.sweep --distributed``): every process
+expands the same grid and runs every cell together (the mesh spans the devices of all processes);
+process 0 alone reads and writes the results folder and claims cells, and broadcasts which cells
+to run, so all processes enter the same programs in the same order and the lines equal a
+one-process run's (tested with two CPU processes joined on localhost). Each process restores the
+cached models onto its own device, so every model must be trained beforehand (one process).
 """
 
 from __future__ import annotations

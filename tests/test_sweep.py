@@ -10,7 +10,8 @@
   lost or duplicated; a partially written last line is dropped and its cell re-run;
 - resume trusts only complete records: a bare id, a record under another cell's id, a line that is not
   JSON, a record missing a field and a second record of a cell are moved to ``results.rejected.jsonl``
-  with their reasons, and their cells run again.
+  with their reasons, and their cells run again;
+- two runs into one folder (a sweep process and this one) run and write each cell once.
 """
 
 import copy
@@ -292,6 +293,29 @@ def test_resume_trusts_only_complete_records(reference, grid_file, tmp_path):
     assert "not JSON" in reasons[2] and "images['queries']" in reasons[3] and "second record" in reasons[4]
     assert any("5 line(s) are not complete records" in s for s in said)
     assert "2 already done" in " ".join(said)
+
+
+def test_two_runs_into_one_folder_run_each_cell_once(reference, grid_file, cache_dir, tmp_path):
+    """A sweep process and this one into the same folder, the second started once the first has read the (empty)
+    results: without claims both ran every cell (a duplicate line per cell); now each line appears once, identical
+    to the reference, and ``sweep.json`` is whole."""
+    ref, runner = reference
+    out = tmp_path / "shared"
+    other = run_cli(["--grid", str(grid_file.with_name("one.json")), "--out", str(out), "--cache-dir", str(cache_dir)])
+    seen, deadline = b"", time.time() + 300
+    while b"to run on" not in seen and time.time() < deadline and other.poll() is None:
+        seen += other.stderr.readline()
+    assert b"0 already done, 2 to run" in seen, seen.decode()[-3000:]
+    records = sweep.run_sweep(grid_file.with_name("one.json"), out, progress=False, sweeper=runner)
+    stdout, stderr = other.communicate(timeout=300)
+    assert other.returncode == 0, (seen + stderr).decode()[-3000:]
+    assert sorted(lines(out / sweep.RESULTS)) == sorted(ref[:2])  # each cell once, as in the reference run
+    assert records == [json.loads(x) for x in ref[:2]]
+    assert [c["id"] for c in json.loads((out / "sweep.json").read_text())["cells"]] == [json.loads(x)["id"]
+                                                                                        for x in ref[:2]]
+    assert sorted(json.loads(t)["id"] for t in lines(out / sweep.TIMING)) == sorted(json.loads(x)["id"]
+                                                                                     for x in ref[:2])
+    assert not (out / sweep.REJECTED).exists() and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_cell_fields_are_dataclass_free_json():
