@@ -387,11 +387,11 @@ def random_resize_pad(scorer: Scorer, max_extra, resize_back: bool = False, meth
     ``jax.image.resize(..., "linear")`` when enlarging).
 
     ``resize_back=True`` resizes the padded image back to ``H x W`` (bilinear) before the wrapped
-    scorer sees it, for models that take only their training input size (our ``digits_cnn`` and
-    ``mnist_cnn`` flatten into a dense layer; ViT has fixed position embeddings). Through
-    :func:`build_defense` the choice is made from the model: the larger input is fed when the model
-    accepts it (the fully convolutional, globally pooled ``cifar10_cnn``, ResNets, WRN), otherwise it is
-    resized back. :func:`resize_pad` is a different defense: it *shrinks-or-keeps* and always resizes back.
+    scorer sees it, for models that take only their training input size. Through :func:`build_defense`
+    the choice is made from the model's shapes: the larger input is fed to the globally pooled networks
+    (``cifar10_cnn``, ``resnet20``, ``wrn28_10``, ``resnet50``) and resized back for the others
+    (``digits_cnn``, ``mnist_cnn`` and ``vgg16`` flatten a fixed-size map into their classifier,
+    ``vit_b16`` has position embeddings of its training size); option ``resize_back`` overrides it. :func:`resize_pad` is a different defense: it *shrinks-or-keeps* and always resizes back.
     ``max_extra = 0`` is the identity (the clean scorer itself).
     """
     max_extra = _check_int("random_resize_pad max_extra (pixels)", max_extra, 0)
