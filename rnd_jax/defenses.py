@@ -391,8 +391,10 @@ def random_resize_pad(scorer: Scorer, max_extra, resize_back: bool = False, meth
     the choice is made from the model's shapes: the larger input is fed to the globally pooled networks
     (``cifar10_cnn``, ``resnet20``, ``wrn28_10``, ``resnet50``) and resized back for the others
     (``digits_cnn``, ``mnist_cnn`` and ``vgg16`` flatten a fixed-size map into their classifier,
-    ``vit_b16`` has position embeddings of its training size); option ``resize_back`` overrides it. :func:`resize_pad` is a different defense: it *shrinks-or-keeps* and always resizes back.
-    ``max_extra = 0`` is the identity (the clean scorer itself).
+    ``vit_b16`` has position embeddings of its training size); option ``resize_back`` overrides it.
+    A non-square image grows by the same ``e`` pixels in both directions. :func:`resize_pad` is a
+    different defense: it shrinks the content and always resizes back. ``max_extra = 0`` is the
+    identity (the clean scorer itself).
     """
     max_extra = _check_int("random_resize_pad max_extra (pixels)", max_extra, 0)
     if not isinstance(resize_back, bool):
