@@ -473,6 +473,8 @@ def _takes_larger_inputs(model, params, input_shape, shape) -> bool:
 def _build_random_resize_pad(model, params, level, input_shape, resize_back=None, method="nearest"):
     max_extra = _check_int("random_resize_pad max_extra (pixels)", level, 0)
     if resize_back is None:
+        if len(input_shape) != 3:
+            raise ValueError(f"random_resize_pad needs input_shape (H, W, C), got {input_shape!r}")
         h, w, c = input_shape
         resize_back = max_extra > 0 and not _takes_larger_inputs(model, params, input_shape,
                                                            (h + max_extra, w + max_extra, c))
