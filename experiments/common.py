@@ -232,7 +232,9 @@ class RunLog:
         line = json.dumps({"unit": unit, "value": compute()}, sort_keys=True) + "\n"  # NaN/inf kept exactly
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
+            data = memoryview(line.encode())
+            while data:  # one write for a regular file; the loop only guards against a short write
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -431,10 +431,12 @@ def main(argv=None) -> dict:
     model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
                                         data_dir=args.data_dir, progress=show)
     cfg["train"] = dataclasses.asdict(train_cfg)
-    log = open_run(out, cfg)  # the options are valid: config.json, then one line per finished part
+    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
+    if cfg["n_images"] > len(y_test):
+        raise ValueError(f"--n-images {cfg['n_images']}: the {cfg['dataset']} test split has only {len(y_test)} images")
+    log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished part
     clean = model_scorer(model, params)
     clean_j = pytree.compiled(clean)
-    x_test, y_test = data.load(cfg["dataset"], "test", data_dir=args.data_dir)
     order = np.asarray(jax.random.permutation(k_data, len(y_test)))[: cfg["n_images"]]
     xs, ys = np.asarray(x_test)[order], np.asarray(y_test)[order]
 
