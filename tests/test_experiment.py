@@ -1,6 +1,11 @@
-"""The headline experiment end to end (--smoke), its outputs, replay, and its input checks."""
+"""The headline experiment end to end (--smoke), its outputs, replay, resume after kill -9, and its input checks."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -28,15 +33,55 @@ def test_bad_options_fail_before_any_work(argv, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_smoke_run_writes_results_and_replays_bit_identically(tmp_path, digits_model, cache_dir):
-    outs = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress"])
-        for f in ("results.json", "results.csv", "config.json", "asr_vs_sigma.png", "timing.json"):
-            assert (out / f).stat().st_size > 0, f
-        outs.append((out / "results.json").read_bytes())
+def _killed_after_first_row(out, cache_dir, tmp_path):
+    """Start the smoke run in a subprocess and ``kill -9`` it as soon as its first row is in ``rows.jsonl``."""
+    argv = [sys.executable, "-m", "experiments.nes_vs_output_noise", "--smoke", "--out", str(out), "--cache-dir",
+            str(cache_dir), "--no-progress"]
+    with open(tmp_path / "killed.err", "wb") as err:  # RND_JAX_CACHE and XLA_FLAGS are inherited
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).parents[1])
+        rows, t0 = out / "rows.jsonl", time.time()
+        try:
+            while proc.poll() is None and time.time() - t0 < 600:
+                if rows.exists() and rows.read_bytes().endswith(b"\n"):
+                    proc.kill()  # SIGKILL: no handler, no cleanup
+                    break
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-2000:]
+
+
+def test_smoke_run_writes_results_and_replays_bit_identically(tmp_path, digits_model, cache_dir, capsys):
+    """Run a in one go; run b is killed (kill -9) after its first sigma row and started again: it resumes
+    from that row and ends with the same results.json, byte for byte."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["--smoke", "--out", str(a), "--cache-dir", str(cache_dir), "--no-progress"]
+    exp.main(argv)
+    for f in ("results.json", "results.csv", "config.json", "asr_vs_sigma.png", "timing.json", "rows.jsonl"):
+        assert (a / f).stat().st_size > 0, f
+    _killed_after_first_row(b, cache_dir, tmp_path)
+    assert not (b / "results.json").exists()  # the kill came before the end
+    assert [json.loads(line)["unit"] for line in (b / "rows.jsonl").read_text().splitlines()] == ["sigma=0.0"]
+    capsys.readouterr()
+    exp.main(["--smoke", "--out", str(b), "--cache-dir", str(cache_dir), "--no-progress"])
+    assert "1 finished unit(s)" in capsys.readouterr().err
+    timing = json.loads((b / "timing.json").read_text())
+    assert timing["resumed_rows"] == 1 and "0" not in timing and "0.01" in timing  # sigma 0 was not recomputed
+    outs = [(a / "results.json").read_bytes(), (b / "results.json").read_bytes()]
     assert outs[0] == outs[1]
+    cfg = json.loads((a / "config.json").read_text())  # what was used, smoke included
+    assert cfg["protocol"]["n_images"] == cfg["images"]["attacked"] == 8 and cfg["protocol"]["budget"] == 1000
+    assert cfg["smoke"] is True and cfg["smoke_set"]["sigmas"] == [0.0, 0.01] and cfg["smoke_kept"] == {}
+    assert cfg["model"] == "digits_cnn" and cfg["train"]["seed"] == 0
+
+    # Another configuration into the same folder is refused before any work; its config.json stays.
+    before = (a / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        exp.main(argv + ["--seed", "1"])
+    assert e.value.code == 2 and "another configuration" in capsys.readouterr().err
+    assert (a / "config.json").read_bytes() == before
     res = json.loads(outs[0])
     rows = res["rows"]
     assert [r["sigma"] for r in rows] == [0.0, 1e-2]
@@ -64,3 +109,4 @@ def test_unprepared_dataset_prints_the_message_and_exits_2(module, tmp_path, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "mnist" in err and "tfds build" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing written
