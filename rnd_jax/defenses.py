@@ -208,6 +208,8 @@ def _check_beta(scale):
         raise ValueError(f"scale must be a pair (alpha, beta) of Beta parameters, got {scale!r}") from None
     if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
         raise ValueError(f"Beta parameters must be finite and > 0, got {scale!r}")
+    for name, v in (("Beta alpha", a), ("Beta beta", b)):
+        _check_f32(name, v, v)  # a float32 Beta sampler returns NaN for parameters beyond float32 (1e300)
     return a, b
 
 

@@ -188,7 +188,7 @@ def test_bad_levels_raise(bad, digits_model):
             build_defense(name, model, params, bad, (8, 8, 1))
 
 
-@pytest.mark.parametrize("scale", [(0, 1), (1, -2), (float("nan"), 1), "x", (1,)])
+@pytest.mark.parametrize("scale", [(0, 1), (1, -2), (float("nan"), 1), "x", (1,), (1e300, 1.0), (1.0, 1e20)])
 def test_bad_beta_parameters_raise(scale):
     with pytest.raises(ValueError, match="Beta|pair"):
         input_noise(identity_scorer, 0.1, scale=scale)
