@@ -162,6 +162,8 @@ def main(argv=None) -> list[dict]:
 def summary(records) -> str:
     rows = [("cell", "asr", "asr_clean", "q_mean", "acc_def")]
     for r in records:
+        if r is None:  # a cell another process recorded (only process 0 reads the results)
+            continue
         m, d = r["metrics"], r["defended"]
         f = lambda v, spec: "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
         rows.append((r["label"], f(m["asr"], ".2f"), f(m["asr_clean"], ".2f"), f(m["queries_mean"], ".0f"),

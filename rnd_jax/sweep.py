@@ -294,13 +294,6 @@ def _int(where, value, minimum=1, maximum=INT32_MAX):
     return value
 
 
-def _number(where, value):
-    """``value`` if it is a finite int or float (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
-    return value
-
-
 def _safe_name(where, value):
     """``value`` if it is a non-empty string that names nothing outside a folder (no path separator, not '.' or
     '..', no control character): grid names become folder names, labels may become file names."""
@@ -631,7 +624,8 @@ def plan(cells: list[Cell], data_dir=None, sweeper: "Sweeper | None" = None, tra
     ``train_models``: trained now), each distinct image selection is made exactly as the run will
     make it (so too few correctly classified images, overall or of a class when ``balanced``, fail
     here); otherwise ``n_images`` is bounded by the test split (per class when ``balanced``) and
-    ``log`` says that the exact count waits for the trained model.
+    ``log`` says that the exact count waits for the trained model. With ``train_models`` the
+    surrogate models of the attacks that need one are loaded (or trained) too.
     """
     out, contexts, attacks, defenses = {}, {}, {}, {}
     for cell in cells:
@@ -700,6 +694,9 @@ def _check_images(cells: list[Cell], data_dir, sweeper, train_models: bool, log)
         if sweeper is not None and (train_models or sweeper.has_model(c)):
             try:
                 sweeper.selection(c)
+                needs = get_spec(c["attack"]["name"]).needs
+                if train_models and "surrogate" in needs:  # its second model too, before any cell runs
+                    sweeper.context(c, needs)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
             continue
