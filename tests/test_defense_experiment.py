@@ -34,3 +34,12 @@ def test_smoke(tmp_path, digits_model, cache_dir):
         assert 0 <= c["target_drop"] - c["drop"] <= 0.003
     none = res["main"][0]
     assert none["nes_robust_510"] <= 0.5  # undefended NES fools most images even at 510 queries
+
+    # The same run again into the same folder: every calibration and row comes from rows.jsonl (nothing is
+    # calibrated or attacked again) and results.json is byte-identical.
+    before = (out / "results.json").read_bytes()
+    exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress"])
+    units = len(res["calibration"]) + len(res["main"]) + len(res["layers"]) + len(res["baselines"])
+    assert json.loads((out / "timing.json").read_text())["resumed_rows"] == units
+    assert len((out / "rows.jsonl").read_text().splitlines()) == units
+    assert (out / "results.json").read_bytes() == before
