@@ -64,6 +64,13 @@ def test_smoke_run_writes_results_and_replays(tmp_path, digits_model, cache_dir)
     exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress", "--attacks", *names])
     res = check_smoke_results(out, names)
     rows = res["rows"]
+    # The same run again into the same folder: every row comes from rows.jsonl (no runner is compiled) and
+    # results.json is byte-identical.
+    before = (out / "results.json").read_bytes()
+    exp.main(["--smoke", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress", "--attacks", *names])
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["resumed_rows"] == len(rows) and not any(k.endswith("/compile") for k in timing)
+    assert (out / "results.json").read_bytes() == before
     # Replay: one attack run alone (plus an input-noise cell) reproduces its rows and images bit for bit.
     sub = tmp_path / "sub"
     exp.main(["--smoke", "--out", str(sub), "--cache-dir", str(cache_dir), "--no-progress",

@@ -57,3 +57,7 @@ def test_smoke_run_replays_bit_identically(tmp_path, digits_model, cache_dir):
         exp.main(["--smoke", "--attacks", "rays", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress"])
         outs.append((out / "results.json").read_bytes())
     assert outs[0] == outs[1]
+    # The same run again into the same folder: every row comes from rows.jsonl, results.json is byte-identical.
+    exp.main(["--smoke", "--attacks", "rays", "--out", str(out), "--cache-dir", str(cache_dir), "--no-progress"])
+    assert json.loads((out / "timing.json").read_text())["resumed_rows"] == 3  # rays x (nu 0, nu 1e-2, sigma 1e-2)
+    assert (out / "results.json").read_bytes() == outs[1]
