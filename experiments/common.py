@@ -63,7 +63,9 @@ def add_run_args(p, out: str) -> None:
     """Seeds, folders and progress: the options every attack experiment shares (see :func:`setup`)."""
     p.add_argument("--seed", type=int, default=0, help="root seed of image choice, targets, attack and defense")
     p.add_argument("--train-seed", type=int, default=0, help="seed of model training (part of the checkpoint key)")
-    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--out", default=out,
+                   help="output folder (created once the run is valid; the same options run again there resume "
+                        "it, another configuration is refused)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -275,9 +277,9 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
           surrogate_model: str | None = None) -> SimpleNamespace:
     """The start every attack experiment shares, after its options are validated.
 
-    Checks ``args.out`` (nothing is created: :func:`open_run` does it once the run is valid); derives the run's keys from ``args.seed`` (``k_data`` picks the images,
-    ``k_attack`` and ``k_def_images`` are split per image by :func:`rnd_jax.evaluate.image_keys`,
-    ``k_def_acc`` draws the defended-accuracy noise: the same derivation in every experiment, so the
+    Checks ``args.out`` (nothing is created: :func:`open_run` does it once the run is valid); derives
+    the run's keys from ``args.seed`` (``k_data`` picks the images, ``k_attack`` and ``k_def_images``
+    are split per image by :func:`rnd_jax.evaluate.image_keys`, ``k_def_acc`` draws the defended-accuracy noise: the same derivation in every experiment, so the
     same seed picks the same images everywhere); loads or trains ``cfg["model"]`` on ``cfg["dataset"]``
     with seed ``args.train_seed`` (recorded in ``cfg["train"]``); loads the test split (and the
     training split with ``train_split``), and a surrogate trained with ``surrogate_seed`` when given.

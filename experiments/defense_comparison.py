@@ -43,9 +43,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from experiments.common import (add_protocol_args, apply_smoke, check_out, check_resumable, cli, dataset_info,  # noqa: E402
-                                given_options, open_run, resolve_model, setup, table, write_csv, write_json,
-                                write_timing)
+from experiments.common import (add_protocol_args, apply_smoke, check_out, check_resumable, cli,  # noqa: E402
+                                dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
+                                write_json, write_timing)
 from rnd_jax import data, grids, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
 from rnd_jax.calibrate import calibrate  # noqa: E402
@@ -81,7 +81,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="RFD tables: the same number of images of every class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-seed", type=int, default=0)
-    p.add_argument("--out", default="runs/defense_comparison")
+    p.add_argument("--out", default="runs/defense_comparison",
+                   help="output folder (created once the run is valid; the same options run again there resume "
+                        "it, another configuration is refused)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--smoke", action="store_true",

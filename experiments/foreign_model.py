@@ -45,7 +45,9 @@ def get_parser():
     p.add_argument("--eps", type=float, default=None, help="radius (default: the battery's per-norm radius)")
     p.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/foreign_model")
+    p.add_argument("--out", default="runs/foreign_model",
+                   help="output folder (created once the run is valid; the same options run again there resume "
+                        "it, another configuration is refused)")
     p.add_argument("--smoke", action="store_true",
                    help="3 images, budget 300 (at least two steps of each attack); options given explicitly keep "
                         "their value")

@@ -120,7 +120,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seed", type=int, default=0, help="seed of model training (part of the checkpoint key)")
     p.add_argument("--train-epochs", type=int, default=train.TrainConfig().epochs,
                    help="epochs of model training (part of the checkpoint key)")
-    p.add_argument("--out", default="runs/theory_vs_measurement", help="output folder")
+    p.add_argument("--out", default="runs/theory_vs_measurement",
+                   help="output folder (created once the run is valid; the same options run again there resume "
+                        "it, another configuration is refused)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
     p.add_argument("--smoke", action="store_true",
