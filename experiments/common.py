@@ -279,10 +279,11 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
 
     Checks ``args.out`` (nothing is created: :func:`open_run` does it once the run is valid); derives
     the run's keys from ``args.seed`` (``k_data`` picks the images, ``k_attack`` and ``k_def_images``
-    are split per image by :func:`rnd_jax.evaluate.image_keys`, ``k_def_acc`` draws the defended-accuracy noise: the same derivation in every experiment, so the
-    same seed picks the same images everywhere); loads or trains ``cfg["model"]`` on ``cfg["dataset"]``
-    with seed ``args.train_seed`` (recorded in ``cfg["train"]``); loads the test split (and the
-    training split with ``train_split``), and a surrogate trained with ``surrogate_seed`` when given.
+    are split per image by :func:`rnd_jax.evaluate.image_keys`, ``k_def_acc`` draws the
+    defended-accuracy noise: the same derivation in every experiment, so the same seed picks the same
+    images everywhere); loads or trains ``cfg["model"]`` on ``cfg["dataset"]`` with seed
+    ``args.train_seed`` (recorded in ``cfg["train"]``); loads the test split (and the training split
+    with ``train_split``), and a surrogate trained with ``surrogate_seed`` when given.
     """
     import jax
     import numpy as np
