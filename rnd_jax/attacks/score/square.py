@@ -341,6 +341,75 @@ def side(p, h: int, w: int, c: int, norm: str):
     return jnp.clip(s, lo, hi)
 
 
+TRY_CHUNK = 8  # proposals drawn together after a first one that repeats a point (tries 1.., chunk by chunk)
+
+
+def draw_proposal(cfg, state: SquareState, k, p, t):
+    """Proposal ``t`` (0-based try) of a step: ``(candidate, window side)``; a function of ``(k, t)`` only.
+
+    Tries ``t >= max_tries // 2`` draw the window side at random instead of the schedule's.
+    """
+    linf = cfg.norm == "linf"
+    h, w, c = state.x.shape
+    s_sched = side(p, h, w, c, cfg.norm)
+    s_lo, s_hi = side_range(h, w, cfg.norm)
+    u = jax.random.uniform(jax.random.fold_in(k, t), (6 + SIGN_DRAWS * c,))
+    rand_s = s_lo + jnp.minimum((u[0] * (s_hi - s_lo + 1)).astype(jnp.int32), s_hi - s_lo)
+    if not linf:
+        rand_s = jnp.where(rand_s % 2 == 0, rand_s - 1, rand_s)
+    s = jnp.where(t < cfg.max_tries // 2, s_sched, rand_s)
+    if linf:
+        cand = linf_proposal(u[1:3], u[6:].reshape(SIGN_DRAWS, c), state.x, state.x0, cfg.eps, s)
+    else:
+        cand = l2_proposal(u[1:6], u[6:6 + c], state.x, state.x0, cfg.eps, s, _inv_sq_cumsum(max(h, w) + 2))
+    return cand, s
+
+
+def repeats(state: SquareState, cand):
+    """Whether ``cand`` would repeat a known answer: it is the current point or one of the remembered ones."""
+    return jnp.all(cand == state.x) | _was_seen(point_hash(cand), state.seen, state.n_seen)
+
+
+def draw_distinct(cfg, state: SquareState, k, p):
+    """The first of the tries ``t = 0, 1, ..., max_tries - 1`` that does not repeat a point (module docstring).
+
+    Returns ``(candidate, side, tries)``; if every try repeats one, the last try's candidate. Try 0 is
+    drawn alone (usually it is new); the others :data:`TRY_CHUNK` at a time, vectorised, so a step whose
+    proposals keep repeating (one-pixel windows late in a run) costs a few loop iterations, not one per
+    try (l_inf; l_2 proposals one at a time). The result is the same as drawing the tries one by one: each
+    is a function of ``(k, t)`` alone.
+    """
+    cand0, s0 = draw_proposal(cfg, state, k, p, jnp.zeros((), jnp.int32))
+    if cfg.max_tries == 1:
+        return cand0, s0, jnp.ones((), jnp.int32)
+    # l_2 proposals sum over the window: drawn several at once (vmapped) their float sums may round
+    # differently, so they keep one try per iteration (they rarely repeat: their values are continuous)
+    width = min(TRY_CHUNK if cfg.norm == "linf" else 1, cfg.max_tries - 1)
+    last = jnp.int32(cfg.max_tries - 1)
+
+    def cond(c):
+        start, found = c[0], c[1]
+        return ~found & (start <= last)
+
+    def body(c):
+        start = c[0]
+        ts = start + jnp.arange(width, dtype=jnp.int32)
+        ts_in = jnp.minimum(ts, last)
+        if width == 1:
+            cand, side_ = draw_proposal(cfg, state, k, p, ts_in[0])
+            cands, sides, fresh = cand[None], side_[None], ~repeats(state, cand)[None]
+        else:
+            cands, sides = jax.vmap(lambda t: draw_proposal(cfg, state, k, p, t))(ts_in)
+            fresh = ~jax.vmap(lambda x: repeats(state, x))(cands)
+        fresh = fresh & (ts <= last)
+        j = jnp.where(jnp.any(fresh), jnp.argmax(fresh), jnp.argmax(ts_in))  # first fresh, else the last try
+        return start + width, jnp.any(fresh) | (start + width > last), cands[j], sides[j], ts_in[j]
+
+    init = (jnp.ones((), jnp.int32), ~repeats(state, cand0), cand0, s0, jnp.zeros((), jnp.int32))
+    _, _, cand, s, t = jax.lax.while_loop(cond, body, init)
+    return cand, s, t + 1
+
+
 def square(cfg) -> Attack:
     """Build the Square attack (l_inf for :class:`SquareLinfConfig`, l_2 for :class:`SquareL2Config`)."""
     loss_fn = losses.targeted_xent if cfg.targeted else losses.margin
@@ -360,37 +429,7 @@ def square(cfg) -> Attack:
         return l2_init(k, x0, cfg.eps)
 
     def propose(state: SquareState, k, p):
-        h, w, c = state.x.shape
-        table = None if linf else _inv_sq_cumsum(max(h, w) + 2)
-        s_sched = side(p, h, w, c, cfg.norm)
-        s_lo, s_hi = side_range(h, w, cfg.norm)
-
-        def draw(t):
-            u = jax.random.uniform(jax.random.fold_in(k, t), (6 + SIGN_DRAWS * c,))
-            rand_s = s_lo + jnp.minimum((u[0] * (s_hi - s_lo + 1)).astype(jnp.int32), s_hi - s_lo)
-            if not linf:
-                rand_s = jnp.where(rand_s % 2 == 0, rand_s - 1, rand_s)
-            s = jnp.where(t < cfg.max_tries // 2, s_sched, rand_s)
-            if linf:
-                cand = linf_proposal(u[1:3], u[6:].reshape(SIGN_DRAWS, c), state.x, state.x0, cfg.eps, s)
-            else:
-                cand = l2_proposal(u[1:6], u[6:6 + c], state.x, state.x0, cfg.eps, s, table)
-            return cand, s
-
-        def bad(cand):
-            same = jnp.all(cand == state.x)
-            return same | _was_seen(point_hash(cand), state.seen, state.n_seen)
-
-        def cond(carry):
-            t, cand, _ = carry
-            return bad(cand) & (t + 1 < cfg.max_tries)  # the start (t = -1, cand = x) is always "bad"
-
-        def body(carry):
-            t = carry[0] + 1
-            return (t,) + draw(t)
-
-        t, cand, s = jax.lax.while_loop(cond, body, (jnp.full((), -1, jnp.int32), state.x, s_sched))
-        return cand, s, t + 1
+        return draw_distinct(cfg, state, k, p)
 
     def step(state: SquareState, oracle):
         k = jax.random.fold_in(state.key, state.step)

@@ -1,0 +1,144 @@
+"""Stop paying for finished images: a scorer that runs its model on the live points only.
+
+Under ``vmap`` the driver's loop runs its body for every image while any image goes on, and the
+model is evaluated on the points of every image, finished or not. :func:`compacted` wraps a
+scorer so that, under ``vmap``, each oracle call gathers the points that are really asked
+(:func:`rnd_jax.oracle.live`: the images whose loop still runs, in the branch really taken) to the
+front of one flat batch and evaluates the wrapped scorer on the smallest bucket that holds them:
+``min_batch * 4^j`` points, or the whole batch. The buckets are branches of one ``lax.switch``
+(so one program holds one copy of the wrapped scorer per bucket, and the branch is picked at run
+time); a call with no live point evaluates nothing. Answers of points that are not live are zeros:
+nothing reads them (the loop keeps those images' state).
+
+Results are those of the unwrapped scorer, bit for bit, whenever the scorer's answer to a point
+does not depend on the size of the batch it travels in: true of every built-in defense (a point's
+noise comes from its own key) and of models whose kernels do not change with the batch size. On
+the CPU a convolution's kernels differ for batches of 1 and 2 points (last-bit differences), not
+from 4 on; hence ``min_batch = 8`` by default. ``tests/test_compact.py`` checks whole runs.
+
+Use it around the most expensive part, the defended scorer an :class:`~rnd_jax.oracle.Oracle`
+asks (``evaluate.make_runner(..., compact=True)`` does this). Outside ``vmap`` or outside a
+driver loop it is the wrapped scorer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from rnd_jax import oracle as _oracle
+from rnd_jax import pytree
+
+MIN_BATCH = 8
+GROWTH = 4  # bucket sizes grow by this factor: fewer copies of the model, at most 4x the live points
+
+
+def compacted(scorer, min_batch: int = MIN_BATCH):
+    """``scorer`` evaluated on the live points only, in buckets of ``min_batch * 4^j`` (module docstring)."""
+    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+        raise ValueError(f"min_batch must be an int >= 1, got {min_batch!r}")
+    if not callable(scorer):
+        raise ValueError(f"scorer must be callable (x, keys) -> scores, got {scorer!r}")
+    return Partial(_compacted_scores, scorer, min_batch)
+
+
+@contextlib.contextmanager
+def _outside_loops():
+    """Trace the wrapped scorer as if no loop predicate were in force (it sees only live points)."""
+    stack = getattr(_oracle._LIVE, "stack", None)
+    saved = list(stack) if stack else []
+    if stack:
+        stack.clear()
+    try:
+        yield
+    finally:
+        if stack is not None:
+            stack.extend(saved)
+
+
+def _compacted_scores(scorer, min_batch, x, keys):
+    pred = _oracle.live()
+    if pred is None:
+        return scorer(x, keys)
+    arrays, static = pytree.partition(scorer)
+    mask = jnp.broadcast_to(jnp.asarray(pred, bool), x.shape[:1])
+    fn = _program(static, min_batch, keys is None)
+    if keys is None:
+        return fn(arrays, x, mask)
+    return fn(arrays, x, mask, keys)
+
+
+_PROGRAMS: dict = {}
+
+
+def _program(static, min_batch: int, keyless: bool):
+    """The custom-batched function ``(arrays, x, mask[, keys]) -> scores`` for one scorer structure."""
+    cache_key = (static, min_batch, keyless)
+    if cache_key in _PROGRAMS:
+        return _PROGRAMS[cache_key]
+
+    def on_live(arrays, x, mask, *keys):
+        scorer = pytree.combine(arrays, static)
+        with _outside_loops():
+            return _bucketed(scorer, min_batch, x, mask, keys[0] if keys else None)
+
+    fn = jax.custom_batching.custom_vmap(on_live)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, arrays, x, mask, *keys):
+        arrays_b, x_b, mask_b = in_batched[:3]
+        keys_b = bool(keys) and in_batched[3]
+
+        def full(v, batched):
+            return v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
+
+        if any(jax.tree_util.tree_leaves(arrays_b)):  # the scorer itself varies over the batch: no compaction
+            def plain(a, xx, *kk):
+                return pytree.combine(a, static)(xx, kk[0] if kk else None)
+            return jax.vmap(plain)(jax.tree_util.tree_map(lambda v, b: full(v, b), arrays, arrays_b),
+                                   full(x, x_b), *[full(keys[0], keys_b)] if keys else []), True
+        x, mask = full(x, x_b), full(mask, mask_b)
+        lead = x.shape[:2]
+        flat = [arrays, x.reshape((-1,) + x.shape[2:]), mask.reshape(-1)]
+        if keys:
+            k = full(keys[0], keys_b)
+            flat.append(k.reshape((-1,) + k.shape[2:]))
+        out = fn(*flat)
+        return out.reshape(lead + out.shape[1:]), True
+
+    _PROGRAMS[cache_key] = fn
+    return fn
+
+
+def _bucketed(scorer, min_batch: int, x, mask, keys):
+    """``scorer`` on the live rows of ``x`` gathered to the front, in the smallest bucket that holds them."""
+    n_points = x.shape[0]
+    sizes = []
+    b = min_batch
+    while b < n_points:
+        sizes.append(b)
+        b *= GROWTH
+    sizes.append(n_points)
+    order = jnp.argsort(jnp.logical_not(mask), stable=True)  # live points first, in their order
+    xs = x[order]
+    ks = None if keys is None else keys[order]
+    n_live = jnp.sum(mask.astype(jnp.int32))
+    out_shape = jax.eval_shape(lambda a, k: scorer(a, k), x[:1], None if keys is None else keys[:1])
+    k_cls, dtype = out_shape.shape[-1], out_shape.dtype
+
+    def nothing(xs, ks):
+        return jnp.zeros((n_points, k_cls), dtype)
+
+    def bucket(size):
+        def run(xs, ks):
+            out = scorer(xs[:size], None if ks is None else ks[:size])
+            return jnp.zeros((n_points, k_cls), dtype).at[:size].set(out)
+        return run
+
+    branches = [nothing] + [bucket(s) for s in sizes]
+    index = jnp.where(n_live == 0, 0, 1 + jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < n_live))
+    sorted_out = jax.lax.switch(index, branches, xs, ks)
+    return jnp.zeros_like(sorted_out).at[order].set(sorted_out)

@@ -1,0 +1,129 @@
+"""Time-to-result machinery: compacted model calls, Square's vectorised re-draws, the compilation cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnd_jax import compile_cache, data, pytree
+from rnd_jax.attacks import Context, make_attack
+from rnd_jax.attacks.score import square as sq
+from rnd_jax.compact import compacted
+from rnd_jax.defenses import model_scorer, output_noise
+from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, select_images
+from rnd_jax.oracle import Oracle, live_while
+
+RUN = pytree.jit(pytree.apply)
+
+
+@pytest.mark.parametrize("name, sigma, budget", [
+    ("nes", 0.0, 2_000), pytest.param("rays", 0.01, 400, marks=pytest.mark.slow)])  # rays: the same wrapper
+def test_compacted_runs_are_bit_identical(digits_model, name, sigma, budget):
+    """Whole cells with the model evaluated on live points only equal the plain cells bit for bit."""
+    model, params = digits_model
+    x, y = data.load("digits", "test")
+    xt, yt = data.load("digits", "train")
+    clean = model_scorer(model, params)
+    sel = select_images(jax.random.key(3), clean, x, y, 6, True, 10)
+    keys = image_keys(jax.random.key(4), jax.random.key(5), sel.index)
+    attack = make_attack(name, Context(jnp.asarray(xt[:200]), jnp.asarray(yt[:200]), 10), eps=0.3)
+    protocol = Protocol(n_images=6, targeted=True, budget=budget)
+    outs = []
+    for compact in (False, True):
+        scorer = model_scorer(model, params, compact=compact)
+        runner = make_runner(attack, Oracle(output_noise(scorer, sigma), attack.output), scorer, protocol)
+        outs.append(jax.tree_util.tree_map(np.asarray, RUN(runner, *cell_inputs(sel, keys))))
+    plain, packed = outs
+    assert np.ptp(plain[0].queries) > 0  # images finish at different times: some calls are compacted
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(packed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compacted_scorer_sees_only_live_points():
+    """Under vmap inside a loop, the wrapped scorer is evaluated on the live points of the batch only."""
+    sizes = []
+
+    def counting(x, keys):
+        n = x.shape[0]  # static: the bucket this call was traced for
+        jax.debug.callback(lambda: sizes.append(n))
+        return jnp.stack([jnp.sum(x, axis=(1, 2, 3)), -jnp.sum(x, axis=(1, 2, 3))], -1)
+
+    scorer = compacted(counting, min_batch=2)
+
+    def one(x, n_steps):
+        def body(c):
+            i, acc = c
+            return i + 1, acc + scorer(x[None] * (i + 1), None)[0]
+        return live_while(lambda c: c[0] < n_steps, body, (jnp.zeros((), jnp.int32), jnp.zeros(2)))[1]
+
+    steps = jnp.asarray([1] * 12 + [2] * 5 + [3] * 2 + [4])
+    xs = jnp.ones((len(steps), 2, 2, 1))
+    out = jax.jit(jax.vmap(one))(xs, steps)
+    want = np.asarray([[4.0 * sum(range(1, int(n) + 1)), -4.0 * sum(range(1, int(n) + 1))] for n in steps])
+    np.testing.assert_allclose(np.asarray(out), want)
+    # buckets 2, 8 and all 20 points; live images per iteration: 20, 8, 3, 1
+    assert sizes == [20, 8, 8, 2]
+    with pytest.raises(ValueError, match="min_batch"):
+        compacted(counting, min_batch=0)
+
+
+def _sequential_tries(cfg, draw, rep, state):
+    """Square's re-draws one by one, as the loop of tries defines them (the witness)."""
+    for t in range(cfg.max_tries):
+        cand, s = draw(state, jnp.int32(t))
+        if not bool(rep(state, cand)) or t + 1 == cfg.max_tries:
+            return np.asarray(cand), int(s), t + 1
+
+
+def test_square_vectorised_redraws_equal_the_tries_one_by_one():
+    """The chunked l_inf draws pick the same proposal as drawing the tries one by one, also when every try
+    repeats. (l_2 proposals are still drawn one per iteration: vmapped window sums may round differently.)"""
+    cfg = sq.SquareLinfConfig(eps=0.3, max_tries=20, memory=32)
+    x0 = jnp.asarray(data.load("digits", "test")[0][:1][0])
+    key = jax.random.key(7)
+    x = jnp.clip(x0 + 0.3 * jax.random.rademacher(key, x0.shape, jnp.float32), 0, 1)
+    k, p = jax.random.key(11), jnp.float32(0.05)
+    base = sq.SquareState(x, x0, jnp.float32(1.0), jnp.int32(0), key, jnp.int32(5), jnp.bool_(False),
+                          jnp.zeros((cfg.memory, 2), jnp.uint32), jnp.int32(0))
+    vectorised = jax.jit(lambda st: sq.draw_distinct(cfg, st, k, p))
+    draw = jax.jit(lambda st, t: sq.draw_proposal(cfg, st, k, p, t))
+    rep = jax.jit(sq.repeats)
+    known, last_tries = [], 0  # hashes of the points chosen so far, as the step itself computed them
+    while last_tries < cfg.max_tries:  # each round remembers the last choice: the next must come later
+        seen = np.zeros((cfg.memory, 2), np.uint32)
+        if known:
+            seen[:len(known)] = known
+        state = base._replace(seen=jnp.asarray(seen), n_seen=jnp.int32(len(known)))
+        cand, s, tries = (np.asarray(v) for v in vectorised(state))
+        ref_cand, ref_s, ref_tries = _sequential_tries(cfg, draw, rep, state)
+        assert int(tries) == ref_tries and int(s) == ref_s
+        assert int(tries) > last_tries or int(tries) == cfg.max_tries
+        np.testing.assert_array_equal(cand, ref_cand)  # elementwise: the same bits in any compiled context
+        known.append(np.asarray(sq.point_hash(jnp.asarray(cand))))
+        last_tries = int(tries)
+    assert len(known) >= 5  # several rounds, the last one with every try repeating
+
+
+def test_compile_cache_folder_and_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("RND_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    assert compile_cache.default_dir() == tmp_path / "cache" / "xla"
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.default_dir() is None and compile_cache.enable() is None
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "elsewhere"))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        folder = compile_cache.enable()
+        assert folder == tmp_path / "elsewhere" and folder.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(folder)
+        with pytest.raises(ValueError, match="min_compile_s"):
+            compile_cache.enable(min_compile_s=-1)
+        (tmp_path / "file").write_text("")
+        with pytest.raises(ValueError, match="cannot be created"):
+            compile_cache.enable(tmp_path / "file" / "sub")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
