@@ -37,6 +37,10 @@ pixel units, probabilities, fractions of the image); those that do are converted
   move the queried pixels by less than their float32 spacing (about 6e-8 near 1), so the cap stays
   (further halvings would spend queries without changing the point). RayS's first bisection from
   sqrt(d) to ``tol = 1e-3`` needs 16 (CIFAR-10) / 19 (ImageNet) halvings, within its cap of 25.
+- Parsimonious ``block_size = 24``: the reference's 32-pixel initial blocks make a 10x10 grid on 299x299
+  inputs; 24 gives the same grid on 224x224 (``block_size=32`` reproduces the 299 setting).
+- ZO-signSGD ``mu = 0.075``: the benchmark's probe of l_2 length 0.1 on 299x299x3 moves each pixel by
+  ``0.1 / sqrt(d)``; the same per-pixel probe on 224x224x3 has length ``0.1 * 224 / 299``.
 
 Settings that no config field expresses (so the preset cannot carry them): SFA's bilinear
 dimensionality reduction (``resize_factor = 2`` on ImageNet), GenAttack's ``resize_dim = 96`` (so its
@@ -150,6 +154,13 @@ Table (``·``: no setting from the source, the digits default stays; ``linf: a, 
 |  | spherical_every | 10 | 10 | 10 |  |  |
 |  | spherical_window | 1 | 100 | 100 |  |  |
 |  | step_window | 1 | 30 | 30 |  |  |
+| zo_signsgd | q | 10 | 20 | 100 | 299 | Liu et al. 2019; l_inf settings: Al-Dujaili & O'Reilly's benchmark configs |
+|  | mu | 0.0285714 | 0.01 | 0.075 |  |  |
+|  | lr | None | 0.00784314 | 0.02 |  |  |
+|  | directions | sphere | gaussian | gaussian |  |  |
+| parsimonious | block_size | 2 | 4 | 24 | 299 | Moon et al. 2019; ref. cifar10/main.py, imagenet/main.py |
+|  | batch_size | 64 | 64 | 64 |  |  |
+|  | max_iters | 1 | 1 | 1 |  |  |
 
 Protocols (:data:`PROTOCOL_PRESETS`; all untargeted; eps in [0, 1] pixel units)
 
@@ -330,6 +341,19 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "signopt": {"cifar10": dict(_SIGNOPT), "imagenet": dict(_SIGNOPT)},
     "opt": {"cifar10": dict(_OPT), "imagenet": dict(_OPT)},
     "boundary": {"cifar10": dict(_BOUNDARY), "imagenet": dict(_BOUNDARY)},
+    # ZO-signSGD (Liu et al., ICLR 2019). Its l_inf-ball settings are those of Al-Dujaili & O'Reilly's
+    # benchmark of it (blackbox-adv-examples-signhunter, config-jsons/*_zosignsgd_linf_config.json), whose
+    # directions are N(0, I/d) ("gaussian"): fd_eta is the probe's l_2 length (mu), lr the sign step.
+    "zo_signsgd": {
+        "cifar10": dict(q=20, mu=0.01, lr=2 / 255, directions="gaussian"),  # fd_eta 2.55 / 255, lr 2 / 255
+        "imagenet": dict(q=100, mu=0.075, lr=0.02, directions="gaussian"),  # fd_eta 0.1 on 299 (see above)
+    },
+    # Parsimonious (Moon, An & Song, ICML 2019), reference snu-mllab/parsimonious-blackbox-attack main.py
+    # defaults (loss xent, max_iters 1, batch_size 64; block_size 4 on CIFAR-10, 32 on 299 ImageNet).
+    "parsimonious": {
+        "cifar10": dict(block_size=4, batch_size=64, max_iters=1),
+        "imagenet": dict(block_size=24, batch_size=64, max_iters=1),  # 32 on 299 = 24 on 224 (see above)
+    },
 }
 
 NORM_PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
@@ -367,13 +391,16 @@ SOURCES = {
     "signopt": "Cheng et al. 2020 (Sign-OPT); ref. attack/Sign_OPT.py",
     "opt": "Cheng et al. 2019 (OPT); ref. attack/OPT_attack.py",
     "boundary": "Brendel et al. 2018; ref. Foolbox BoundaryAttack",
+    "zo_signsgd": "Liu et al. 2019; l_inf settings: Al-Dujaili & O'Reilly's benchmark configs",
+    "parsimonious": "Moon et al. 2019; ref. cifar10/main.py, imagenet/main.py",
 }
 IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "hsja": "size-free", "hsja_linf": "size-free", "geoda": "224", "signflip": "224", "bandits_td": "299",
     "autozoom": "299", "autozoom_bi": "299", "genattack": "299", "prgf": "299", "square_linf": "224/299",
     "square_l2": "224/299", "simba_pixel": "224", "simba_dct": "224", "nes": "299", "nes_pi": "299",
     "nes_label_only": "299", "signhunter": "size-free", "zoo": "299", "rays": "size-free",
-    "signopt": "size-free", "opt": "size-free", "boundary": "size-free",
+    "signopt": "size-free", "opt": "size-free", "boundary": "size-free", "zo_signsgd": "299",
+    "parsimonious": "299",
 }
 
 _VERIFIED = dict(name="verified", checks=9, count=False)  # RFD App. D.4: 9 fresh queries, not counted
