@@ -113,6 +113,9 @@ class NESPIConfig:
             raise ValueError(f"NES-PI plateau_length must be an int >= 1, got {self.plateau_length!r}")
         if self.start_eps < self.eps:
             raise ValueError(f"NES-PI start_eps {self.start_eps} is below the goal eps {self.eps}")
+        if not np.float32(self.lr_min) >= np.finfo(np.float32).tiny:  # the line search halves down to it
+            raise ValueError(f"NES-PI smallest step size max_lr / min_lr_ratio = {self.lr_min!r} underflows float32; "
+                             f"lower min_lr_ratio")
 
     @property
     def lr_max(self) -> float:
