@@ -171,7 +171,7 @@ def test_replay_is_bit_identical(name, context, clean_scorer, attack_set):
 
 # One image alone (its own unvmapped program) for attacks of every kind by default; the variants that share
 # their code with one of these (OPT ~ Sign-OPT, hsja_linf ~ hsja) and the costliest decision programs with -m slow.
-ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary")
+ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious")
 
 
 @pytest.mark.parametrize("name", by_attack(NAMES, slow=ALONE_SLOW))

@@ -10,10 +10,13 @@ synthetic two-class scorer on 4x4 images whose ``log F_y`` is linear in the pixe
   ``||w|| / sqrt(q)``, sixteen times smaller than every ``|w_i|`` with the ``q`` used), and a point
   whose answer is already adversarial is kept;
 - a linear loss is modular, where the lazy-greedy rule is exact: the Parsimonious search ends on the
-  vertex that minimises it, ``x0 - eps * sign(w)``, with one candidate per call and with several.
+  vertex that minimises it, ``x0 - eps * sign(w)``, with one candidate per call and with several;
+- Parsimonious run alone equals the same image inside the vmapped batch under output noise, and a host
+  counter sees exactly the driver's count (the battery's version of this check runs it with -m slow).
 
-The eager query counter (``test_eager_counter_proves_budget``) runs both with -m slow; by default the
-battery's alone-vs-batch test counts their queries on the host.
+The battery's eager query counter (``test_eager_counter_proves_budget``) runs both with -m slow; by
+default queries are counted on the host by the battery's alone-vs-batch test (ZO-signSGD) and here
+(Parsimonious).
 """
 
 import math
@@ -23,8 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import keys
 from rnd_jax.attacks import driver, make_attack
 from rnd_jax.attacks.score.zo_signsgd import sample_directions
+from rnd_jax.defenses import output_noise
+from rnd_jax.evaluate import QueryTap, tap_scorer
 from rnd_jax.oracle import Oracle
 
 SHAPE = (4, 4, 1)
@@ -73,13 +79,59 @@ def test_zo_signsgd_directions_have_unit_mean_square_length():
         assert np.all(np.abs(per - 1.0) < 4 * math.sqrt(2 / n) + 1e-6), (kind, per)
 
 
+_PROGRAMS = {}
+
+
+def programs(evals):
+    """(attack, budget, vmapped run, one-image run with a host tap, the tap) of Parsimonious, compiled once;
+    the output-noise level ``sigma`` is an argument (0: the scorer's exact answers)."""
+    if evals not in _PROGRAMS:
+        attack = make_attack("parsimonious", targeted=False, evals=evals, block_size=2)
+        budget, tap = 120, QueryTap()
+
+        def batch(xs, ys, ka, kd, sigma):
+            return driver.run(attack, Oracle(output_noise(linear_scorer, sigma), "scores"), xs, ys, None, ka, kd,
+                              budget)
+
+        def alone(x, ka, kd, sigma):
+            scorer = tap_scorer(output_noise(linear_scorer, sigma), linear_scorer, tap)
+            return driver.run_one(attack, Oracle(scorer, "scores"), x, 0, None, ka, kd, budget)
+
+        _PROGRAMS[evals] = attack, budget, jax.jit(batch), jax.jit(alone), tap
+    return _PROGRAMS[evals]
+
+
+IMAGES = jnp.stack([X0, X0 + 0.1, X0 - 0.1])  # each vertex of the 0.3-ball around them lies inside [0, 1]
+
+
 @pytest.mark.parametrize("evals", [1, 3])
 def test_parsimonious_reaches_the_optimum_of_a_modular_loss(evals):
-    attack = make_attack("parsimonious", targeted=False, evals=evals, block_size=2)
+    """One candidate per call (the sequential search; each image alone) and three (the vmapped batch)."""
+    attack, budget, batch, alone, _ = programs(evals)
     assert attack.cost == evals
-    budget = 120
-    run = jax.jit(lambda x, ka, kd: driver.run_one(attack, Oracle(linear_scorer, "scores"), x, 0, None, ka, kd,
-                                                   budget))
-    res = run(X0, jax.random.key(0), jax.random.key(1))
-    np.testing.assert_array_equal(np.asarray(res.x_adv), np.asarray(X0 - 0.3 * jnp.sign(W)))
-    assert not bool(res.lucky) and int(res.queries) <= budget
+    ka, kd = keys(0, 3), keys(1, 3)
+    if evals == 1:
+        res = [alone(IMAGES[i], ka[i], kd[i], 0.0) for i in range(3)]
+        x_adv, lucky, queries = (np.stack([np.asarray(getattr(r, f)) for r in res]) for f in ("x_adv", "lucky",
+                                                                                              "queries"))
+    else:
+        res = batch(IMAGES, jnp.zeros((3,), jnp.int32), ka, kd, 0.0)
+        x_adv, lucky, queries = np.asarray(res.x_adv), np.asarray(res.lucky), np.asarray(res.queries)
+    np.testing.assert_array_equal(x_adv, np.asarray(IMAGES - 0.3 * jnp.sign(W)[None]))
+    assert not lucky.any() and np.all(queries <= budget)
+
+
+def test_parsimonious_alone_equals_batch_and_host_count():
+    """Under output noise each image run alone (not vmapped) equals the same image inside the batch, and a
+    host-side counter of the alone run sees exactly the driver's count, within the budget."""
+    _, budget, batch, alone, tap = programs(3)
+    ka, kd = keys(0, 3), keys(1, 3)
+    b = batch(IMAGES, jnp.zeros((3,), jnp.int32), ka, kd, 0.05)
+    for i in range(3):
+        tap.reset()
+        r = alone(IMAGES[i], ka[i], kd[i], 0.05)
+        jax.effects_barrier()
+        assert int(r.queries) == int(b.queries[i]) and int(r.steps) == int(b.steps[i]), i
+        assert bool(r.lucky) == bool(b.lucky[i])
+        np.testing.assert_allclose(np.asarray(r.x_adv), np.asarray(b.x_adv[i]), atol=1e-6)
+        assert tap.n == int(r.queries) <= budget, (i, tap.n)
