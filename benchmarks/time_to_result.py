@@ -6,7 +6,8 @@
 For each attack and each output-noise level (``--sigmas``, default undefended and σ = 0.01), the
 evaluator's whole cell runs once (:func:`rnd_jax.evaluate.make_runner`: the attack to its budget
 under the stop rule, then the 9 success checks and the clean predictions), compiled with the model
-inlined. Reported per (attack, σ):
+inlined and evaluated on the live points only (:mod:`rnd_jax.compact`, as in the experiments;
+``--no-compact``: on every image's points, finished or not). Reported per (attack, σ):
 
 - ``wall_s``: the run, compile excluded (best of ``--repeats`` runs);
 - ``compile_cold_s``: tracing, lowering and compiling the program with an empty persistent
@@ -109,6 +110,8 @@ def get_parser():
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.01], help="output-noise levels (probabilities)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (the best is kept)")
     p.add_argument("--no-host", action="store_true", help="skip the host-counted run (no calls / bound)")
+    p.add_argument("--no-compact", action="store_true",
+                   help="evaluate the model on every image's points, finished or not (rnd_jax.compact off)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary folder)")
     p.add_argument("--out", default=None, help="JSON file for the numbers")
     return p
@@ -146,7 +149,7 @@ def main(argv=None) -> dict:
     cache = compile_cache.enable(args.cache_dir or tmp.name)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     model, params = train.load_or_train(model_name, args.dataset, train.TrainConfig(), progress=False)
-    clean = model_scorer(model, params)
+    clean = model_scorer(model, params, compact=not args.no_compact)
     x_test, y_test = data.load(args.dataset, "test")
     x_train, y_train = data.load(args.dataset, "train")
     surrogate = None
@@ -160,7 +163,7 @@ def main(argv=None) -> dict:
     program = pytree.jit(pytree.apply)
 
     out = {"device": str(jax.devices()[0]), "dataset": args.dataset, "model": model_name,
-           "n_images": args.n_images, "compilation_cache": str(cache), "rows": []}
+           "n_images": args.n_images, "compact": not args.no_compact, "compilation_cache": str(cache), "rows": []}
     print(f"device {out['device']}; {model_name} on {args.dataset}; {args.n_images} images", file=sys.stderr)
     for name in names:
         spec = ATTACKS[name]

@@ -293,6 +293,8 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     from rnd_jax.evaluate import predict
 
     out = check_out(args.out)
+    from rnd_jax import compile_cache
+    compile_cache.enable()  # a second run loads its programs (RND_JAX_COMPILE_CACHE=off: none)
     show = not args.no_progress
     t_start = time.time()
     _, k_data, k_attack, k_defense = jax.random.split(jax.random.key(args.seed), 4)
@@ -307,7 +309,7 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
         model, params = train.load_or_train(cfg["model"], cfg["dataset"], train_cfg, cache_dir=args.cache_dir,
                                             data_dir=args.data_dir, progress=show)
         cfg["train"] = dataclasses.asdict(train_cfg)
-    clean = model_scorer(model, params)
+    clean = model_scorer(model, params, compact=True)  # finished images cost no model time
     x_train = y_train = surrogate = None
     if cfg["dataset"] == data.IMAGENET:  # a fixed class-balanced val subset; it is also the starting-point pool
         x_test, y_test = data.load_imagenet(args.data_dir, "val", n=args.imagenet_images, balanced=True)

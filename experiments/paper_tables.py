@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 from experiments.common import cli  # noqa: E402
 from experiments.sweep import size_of  # noqa: E402
+from rnd_jax import compile_cache  # noqa: E402
 from rnd_jax import grids as builtin  # noqa: E402
 from rnd_jax import sweep  # noqa: E402
 from rnd_jax.evaluate import SUCCESS_KINDS  # noqa: E402
@@ -279,6 +280,7 @@ def main(argv=None) -> str:
     parser = get_parser()
     args = parser.parse_args(argv)
     size = size_of(args)
+    compile_cache.enable()  # a second run loads its programs (RND_JAX_COMPILE_CACHE=off: none)
     try:
         grid = sweep.load_grid(args.grid)
         missing = sweep.missing_attacks(grid)

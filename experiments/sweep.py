@@ -59,6 +59,7 @@ import sys
 from pathlib import Path
 
 from experiments.common import cli
+from rnd_jax import compile_cache
 from rnd_jax import grids as builtin
 from rnd_jax import sweep
 
@@ -136,6 +137,7 @@ def main(argv=None) -> list[dict]:
     if args.list:
         list_grids()
         return []
+    compile_cache.enable()  # a second run loads its programs (RND_JAX_COMPILE_CACHE=off: none)
     if args.distributed:
         import jax
 

@@ -135,6 +135,7 @@ from rnd_jax.attacks import ATTACKS, Context, get_spec
 from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
 from rnd_jax.calibrate import calibrate
+from rnd_jax.compact import compacted
 from rnd_jax.defenses import DEFENSES, build_defense, check_level, model_scorer
 from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, defended_accuracy, image_keys, make_runner,
                               make_tapped_runner, per_image, run_tapped, select_images, successes, summarize,
@@ -1058,7 +1059,7 @@ class Sweeper:
         if k not in self._models:
             model, params = self._load(c["model"], c["dataset"], c["train_seed"])
             x, y = data.load(c["dataset"], "test", data_dir=self.data_dir)
-            self._models[k] = (model, params, model_scorer(model, params), x, y)
+            self._models[k] = (model, params, model_scorer(model, params, compact=True), x, y)
         return self._models[k]
 
     def context(self, c: dict, needs) -> Context:
@@ -1264,7 +1265,7 @@ def _defended_scores(spec: DefenseAt, lvl, x, keys):
 
 def _sweep_runner(bundle, lvl, x0, labels, targets, ka, kd, kc):
     attack, spec, clean, protocol = bundle
-    defended = _defended_at(spec, lvl)
+    defended = compacted(_defended_at(spec, lvl))  # finished images cost no model (or noise) time
     keys = [jax.random.wrap_key_data(kk) for kk in (ka, kd, kc)]
     return make_runner(attack, Oracle(defended, attack.output), clean, protocol)(x0, labels, targets, *keys)
 
