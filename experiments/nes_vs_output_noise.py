@@ -26,6 +26,7 @@ import argparse
 import sys
 import time
 
+import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from experiments.common import (add_model_args, add_protocol_args, add_run_args, apply_smoke, check_out, check_resumable,
@@ -131,7 +132,8 @@ def main(argv=None) -> dict:
     log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished sigma
 
     def cell(sigma):
-        defended = output_noise(clean, sigma, cfg["noise_space"])
+        # a level > 0 travels as an array argument: one compiled program serves every sigma
+        defended = output_noise(clean, jnp.asarray(sigma, jnp.float32) if sigma > 0 else 0.0, cfg["noise_space"])
         t0 = time.time()
         metrics, records = evaluate_cell(attack, defended, clean, sel, (ka, kd, kc), protocol)
         row = {"sigma": sigma, **metrics}
