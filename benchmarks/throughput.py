@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import cli, dataset_info, resolve_model, table, write_json
-from rnd_jax import data, pytree, train
-from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
-from rnd_jax.defenses import check_level, model_scorer, output_noise
+from benchmarks import common
+from benchmarks.common import add_args
+from experiments.common import cli, table, write_json
+from rnd_jax import pytree
+from rnd_jax.attacks import ATTACKS, driver, make_attack
+from rnd_jax.defenses import output_noise
 from rnd_jax.evaluate import image_keys, select_images
 from rnd_jax.oracle import Oracle
 
@@ -66,52 +68,14 @@ RUN_STEPS = pytree.jit(_run_steps)  # the attack's pool and the model's params a
 def get_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--attacks", nargs="+", default=None, help=f"default: all registered ({', '.join(sorted(ATTACKS))})")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default=None)
-    p.add_argument("--n-images", type=int, default=100)
+    add_args(p)
     p.add_argument("--steps", type=int, default=20, help="attack steps per timed run")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.0], help="output-noise levels to time")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="optional JSON file for the numbers")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while a model trains")
     return p
-
-
-def check_out_file(path) -> Path:
-    """``ValueError`` unless ``path`` can be written as a file: not a folder, in an existing writable
-    folder. Probed with a temporary file in that folder (removed at once); ``path`` itself is not touched."""
-    import tempfile
-
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise ValueError(f"--out {str(path)!r} is a folder; give a JSON file name")
-    folder = out.parent
-    if not folder.is_dir():
-        raise ValueError(f"--out {str(path)!r}: its folder {str(folder)!r} does not exist or is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {str(path)!r}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
-    return out
 
 
 def configure(args) -> dict:
     """Validate every option before any model is trained or timed (``ValueError`` naming the option)."""
-    names = args.attacks or sorted(ATTACKS)
-    bad = [n for n in names if n not in ATTACKS]
-    if bad:
-        raise ValueError(f"unknown attack(s) {bad}; choose from {sorted(ATTACKS)}")
-    for flag, v in (("--n-images", args.n_images), ("--steps", args.steps), ("--repeats", args.repeats)):
-        if v < 1:
-            raise ValueError(f"{flag} must be a positive int, got {v}")
-    sigmas = [check_level("sigma", s) for s in args.sigmas]
-    ds = dataset_info(args.dataset, args)
-    model_name = resolve_model(args, ds)  # unknown, or not built for the dataset's images: ValueError
-    if args.out is not None:
-        check_out_file(args.out)
-    return {"names": names, "sigmas": sigmas, "ds": ds, "model": model_name}
+    return common.configure(args, counts=("n_images", "steps", "repeats"))
 
 
 def main(argv=None) -> dict:
@@ -122,16 +86,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         parser.error(str(e))
     names, sigmas, ds, model_name = c["names"], c["sigmas"], c["ds"], c["model"]
-    show = not args.no_progress
-    model, params = train.load_or_train(model_name, args.dataset, train.TrainConfig(), progress=show)
-    clean = model_scorer(model, params)
-    x_test, y_test = data.load(args.dataset, "test")
-    x_train, y_train = data.load(args.dataset, "train")
-    surrogate = None
-    if any("surrogate" in ATTACKS[n].needs for n in names):
-        s_model, s_params = train.load_or_train(model_name, args.dataset, train.TrainConfig(seed=1), progress=show)
-        surrogate = model_scorer(s_model, s_params)
-    ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), ds.num_classes, surrogate)
+    b = common.load(args, c)
+    model, params, clean, x_test, y_test, ctx = b.model, b.params, b.clean, b.x_test, b.y_test, b.ctx
     n = args.n_images
     sel = select_images(jax.random.key(0), clean, x_test, y_test, n, True, ds.num_classes)
     ka, kd, _ = image_keys(jax.random.key(1), jax.random.key(2), sel.index)

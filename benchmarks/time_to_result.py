@@ -43,10 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import dataset_info, table
-from rnd_jax import compile_cache, data, models, pytree, train
-from rnd_jax.attacks import ATTACKS, Context, make_attack
-from rnd_jax.defenses import check_level, model_scorer, output_noise
+from benchmarks import common
+from benchmarks.common import add_args
+from experiments.common import cli, table
+from rnd_jax import compile_cache, pytree
+from rnd_jax.attacks import ATTACKS, make_attack
+from rnd_jax.defenses import output_noise
 from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, run_cell, select_images
 from rnd_jax.foreign import HostModel, host_scorer
 from rnd_jax.oracle import Oracle
@@ -102,61 +104,37 @@ def bound(sizes, times: dict[int, float]) -> float:
 def get_parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_result", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--attacks", nargs="+", default=None, help=f"default: all registered ({', '.join(sorted(ATTACKS))})")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default=None)
-    p.add_argument("--n-images", type=int, default=100)
+    add_args(p, sigmas=(0.0, 0.01), repeats=1)
     p.add_argument("--budget", type=int, default=None, help="queries per image (default: each attack's battery budget)")
-    p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.01], help="output-noise levels (probabilities)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (the best is kept)")
     p.add_argument("--no-host", action="store_true", help="skip the host-counted run (no calls / bound)")
     p.add_argument("--no-compact", action="store_true",
                    help="evaluate the model on every image's points, finished or not (rnd_jax.compact off)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary folder)")
-    p.add_argument("--out", default=None, help="JSON file for the numbers")
     return p
 
 
-def _check_args(parser, args):
-    names = args.attacks or sorted(ATTACKS)
-    bad = [n for n in names if n not in ATTACKS]
-    if bad:
-        parser.error(f"unknown attack(s) {bad}; choose from {sorted(ATTACKS)}")
-    for opt in ("n_images", "repeats"):
-        if getattr(args, opt) < 1:
-            parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+def configure(args) -> dict:
+    """Validate every option before any model is trained or timed (``ValueError`` naming the option)."""
+    c = common.configure(args)
     if args.budget is not None and not 1 <= args.budget < 2 ** 31:
-        parser.error(f"--budget must be in 1..2^31-1, got {args.budget}")
-    if args.out:
-        out = Path(args.out)
-        if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
-            parser.error(f"--out {args.out!r} must be a file path")
-    try:
-        sigmas = [check_level("sigma", s) for s in args.sigmas]
-        ds = dataset_info(args.dataset, args)
-    except ValueError as e:
-        parser.error(str(e))
-    return names, sigmas, ds
+        raise ValueError(f"--budget must be in 1..2^31-1, got {args.budget}")
+    return c
 
 
 def main(argv=None) -> dict:
     parser = get_parser()
     args = parser.parse_args(argv)
-    names, sigmas, ds = _check_args(parser, args)
+    try:
+        c = configure(args)
+    except ValueError as e:
+        parser.error(str(e))
+    names, sigmas, ds, model_name = c["names"], c["sigmas"], c["ds"], c["model"]
+    b = common.load(args, c, compact=not args.no_compact)
     tmp = None
     if args.cache_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="rnd_jax_xla_")
-    cache = compile_cache.enable(args.cache_dir or tmp.name)
-    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
-    model, params = train.load_or_train(model_name, args.dataset, train.TrainConfig(), progress=False)
-    clean = model_scorer(model, params, compact=not args.no_compact)
-    x_test, y_test = data.load(args.dataset, "test")
-    x_train, y_train = data.load(args.dataset, "train")
-    surrogate = None
-    if any("surrogate" in ATTACKS[n].needs for n in names):
-        s_model, s_params = train.load_or_train(model_name, args.dataset, train.TrainConfig(seed=1), progress=False)
-        surrogate = model_scorer(s_model, s_params)
-    ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), ds.num_classes, surrogate)
+    cache = compile_cache.enable(args.cache_dir or tmp.name)  # cold: an empty cache unless --cache-dir
+    model, params, clean, x_test, y_test, ctx = b.model, b.params, b.clean, b.x_test, b.y_test, b.ctx
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
     host = RecordingHost(lambda x: np.asarray(fwd(params, jnp.asarray(x))), ds.num_classes, "logits")
     host_clean = host_scorer(host)
@@ -237,4 +215,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
