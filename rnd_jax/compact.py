@@ -135,10 +135,13 @@ def _bucketed(scorer, min_batch: int, x, mask, keys):
     def bucket(size):
         def run(xs, ks):
             out = scorer(xs[:size], None if ks is None else ks[:size])
-            return jnp.zeros((n_points, k_cls), dtype).at[:size].set(out)
+            # a pad, not .at[:size].set: a full-slice scatter would capture an index array constant
+            return out if size == n_points else jnp.pad(out, ((0, n_points - size), (0, 0)))
         return run
 
     branches = [nothing] + [bucket(s) for s in sizes]
-    index = jnp.where(n_live == 0, 0, 1 + jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < n_live))
+    # no array constants in here: a custom_vmap body must not capture any (they would be batched consts)
+    above = sum((n_live > s).astype(jnp.int32) for s in sizes[:-1])
+    index = jnp.where(n_live == 0, 0, 1 + above)
     sorted_out = jax.lax.switch(index, branches, xs, ks)
     return jnp.zeros_like(sorted_out).at[order].set(sorted_out)

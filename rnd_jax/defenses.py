@@ -94,6 +94,8 @@ def check_level(name: str, value) -> float:
     """
     if _traced(value):
         return value
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (_array(value) and np.asarray(value).dtype == bool):
+        raise ValueError(f"{name} must be a real number >= 0, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -119,6 +121,8 @@ def check_real(name: str, value) -> float:
     """Validate a finite real number of either sign whose square is a finite float32 (e.g. a noise mean)."""
     if _traced(value):
         return value
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -232,6 +236,9 @@ def input_noise(scorer: Scorer, nu, clip: bool = False, scale=None) -> Scorer:
     ``k ~ Beta(alpha, beta)`` (SND Sec. 4.7).
     """
     nu = check_level("nu", nu)
+    if not isinstance(clip, (bool, np.bool_)):
+        raise ValueError(f"input_noise clip must be a bool, got {clip!r}")
+    clip = bool(clip)
     scale = _check_beta(scale)
     if _is_zero(nu):
         return scorer
@@ -267,6 +274,9 @@ def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
     if isinstance(nu, dict):
         levels = dict(nu)
     else:
+        if not (layers is None or isinstance(layers, str)
+                or (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers))):
+            raise ValueError(f"feature_noise layers must be a layer name or a list of names, got {layers!r}")
         chosen = [names[-1]] if layers is None else ([layers] if isinstance(layers, str) else list(layers))
         levels = {name: nu for name in chosen}
     unknown = [n for n in levels if n not in shapes]
@@ -342,8 +352,7 @@ def resize_pad(scorer: Scorer, max_extra) -> Scorer:
     the *enlarged* padded image fed to the network) is :func:`random_resize_pad`.
     ``max_extra = 0`` is the identity.
     """
-    if isinstance(max_extra, bool) or not isinstance(max_extra, int) or max_extra < 0:
-        raise ValueError(f"resize_pad max_extra must be an int >= 0 (pixels), got {max_extra!r}")
+    max_extra = _check_int("resize_pad max_extra (pixels)", max_extra, 0, MAX_EXTRA)
     if max_extra == 0:
         return scorer
     return Partial(_resize_pad, scorer, max_extra)
@@ -370,6 +379,9 @@ def _resize_pad(scorer, max_extra, x, keys):
 
     mine, inner = _split_keys(keys)
     return scorer(jax.vmap(one)(x, mine), inner)
+
+
+MAX_EXTRA = 4096  # pixels a resize-and-pad defense may add: beyond any image this codebase reads
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -409,7 +421,7 @@ def random_resize_pad(scorer: Scorer, max_extra, resize_back: bool = False, meth
     different defense: it shrinks the content and always resizes back. ``max_extra = 0`` is the
     identity (the clean scorer itself).
     """
-    max_extra = _check_int("random_resize_pad max_extra (pixels)", max_extra, 0)
+    max_extra = _check_int("random_resize_pad max_extra (pixels)", max_extra, 0, MAX_EXTRA)
     if not isinstance(resize_back, bool):
         raise ValueError(f"random_resize_pad resize_back must be a bool, got {resize_back!r}")
     if method not in RESIZE_METHODS:
@@ -484,7 +496,7 @@ def _takes_larger_inputs(model, params, input_shape, shape) -> bool:
 
 
 def _build_random_resize_pad(model, params, level, input_shape, resize_back=None, method="nearest"):
-    max_extra = _check_int("random_resize_pad max_extra (pixels)", level, 0)
+    max_extra = _check_int("random_resize_pad max_extra (pixels)", level, 0, MAX_EXTRA)
     if resize_back is None:
         if len(input_shape) != 3:
             raise ValueError(f"random_resize_pad needs input_shape (H, W, C), got {input_shape!r}")
@@ -714,5 +726,7 @@ def build_defense(name: str, model, params, level, input_shape, **options) -> Sc
     if bad:
         raise ValueError(f"unknown option(s) {bad} for defense {name!r}; valid: {list(spec.options)}")
     if name == "none":
+        if level is not None and (isinstance(level, (bool, str)) or _traced(level) or check_level("level", level) != 0):
+            raise ValueError(f"the undefended model ('none') takes no level (None or 0), got {level!r}")
         return spec.build(model, params, level, input_shape)
     return spec.build(model, params, level, tuple(input_shape), **options)

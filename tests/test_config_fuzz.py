@@ -10,8 +10,8 @@ Attacks (``rnd_jax.attacks.ATTACKS``; fields and their types from the config dat
 
 Defenses (``rnd_jax.defenses.DEFENSES``, built with ``build_defense`` on an untrained digits model): their
 level refuses wrong types, non-finite or negative values and huge ones with ``ValueError``; their options
-refuse NaN/inf and raise nothing but ``ValueError`` on garbage. Known defects of the defenses are marked
-``xfail`` with the defense named (the defenses module owns the fix).
+refuse NaN/inf and raise nothing but ``ValueError`` on garbage (a defect not yet fixed would be listed in
+``KNOWN`` and marked ``xfail`` with the defense named).
 
 Building is plain Python (no tracing), so the examples are cheap; ``derandomize=True`` keeps CI deterministic.
 """
@@ -153,17 +153,7 @@ DEFENSE_NAMES = sorted(DEFENSES)
 DEFENSE_FUZZ = settings(FUZZ, max_examples=4, phases=[Phase.explicit, Phase.generate])
 
 # Known defects of rnd_jax/defenses.py found by this fuzz, {(defense, test): reason}; that module owns the fix.
-_FLOAT_LEVEL = "its level check takes float(value), so bools and numeric strings pass"
-_NONE = "'none' ignores its level, so any value passes"
-_INT_LEVEL = "max_extra has no upper bound: an int beyond int32 passes (and would build max_extra + 1 branches)"
-KNOWN = {
-    **{(d, "types"): f"{d}: {_FLOAT_LEVEL}" for d in ("aaa", "correlated_noise", "feature_noise", "input_noise",
-                                                      "output_noise", "output_noise_logits", "output_noise_park")},
-    **{("none", t): f"none: {_NONE}" for t in ("types", "range", "huge")},
-    **{(d, "huge"): f"{d}: {_INT_LEVEL}" for d in ("resize_pad", "random_resize_pad")},
-    ("feature_noise", "options"): "feature_noise: layers=<a number> raises TypeError (list(layers))",
-    ("input_noise", "options"): "input_noise: clip is not checked (NaN, strings, lists pass as truthy)",
-}
+KNOWN: dict = {}  # (defense, test) -> reason, for defects not fixed yet (none today)
 
 
 def by_defense(test, names=DEFENSE_NAMES):

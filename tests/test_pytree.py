@@ -69,7 +69,7 @@ def test_program_size_does_not_grow_with_params():
 
 
 def test_program_size_does_not_grow_with_the_pool():
-    protocol = Protocol(n_images=2, targeted=True, budget=200)
+    protocol = Protocol(n_images=2, targeted=True, budget=500)
     clean = scorer_of(16)
     sizes = []
     for n_pool in (20, 20_000):
