@@ -4,7 +4,7 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
 (``budget``, ``norm``, ``eps`` and any config keys):
 
 - it succeeds on the undefended digits model: ASR >= 90% on 10 images within its budget and eps,
-  untargeted and targeted (each where supported), success judged by the clean model;
+  targeted where supported (untargeted too with -m slow), success judged by the clean model;
 - a host-side query counter (``tap_scorer`` in the jitted one-image runs, under the verified stop rule; the
   variants that share another attack's code and the costliest decision attacks with -m slow) proves the
   budget is never exceeded and that the driver's count equals the points the model was asked about; the eager ``QueryCounter`` under ``jax.disable_jit`` does the same for two attacks here and NES
@@ -114,20 +114,29 @@ def runner(name, context, clean_scorer, targeted, n, short=False):
     return _RUNNERS[key]
 
 
-@pytest.mark.parametrize("name", by_attack(NAMES))
-def test_succeeds_undefended(name, context, clean_scorer, attack_set):
+def by_goal(names):
+    """(attack, targeted) per supported goal; the goal the other battery tests use (targeted where
+    supported) by default, the other one with -m slow (both share every line of the attack's step but the
+    loss and the verdict: tests/test_losses.py covers the losses, and the untargeted smokes of
+    defense_comparison run NES, Square and SignHunter untargeted)."""
+    return [pytest.param(n, t, marks=[pytest.mark.xdist_group(f"battery-{n}")]
+                         + ([] if t == goals(n)[-1] else [pytest.mark.slow]), id=f"{n}-{'t' if t else 'u'}")
+            for n in names for t in goals(n)]
+
+
+@pytest.mark.parametrize("name, targeted", by_goal(NAMES))
+def test_succeeds_undefended(name, targeted, context, clean_scorer, attack_set):
     spec = ATTACKS[name]
     n = len(attack_set.labels)
-    for targeted in goals(name):
-        _, budget = runner(name, context, clean_scorer, targeted, n)
-        res = _undefended(name, context, clean_scorer, attack_set, targeted, 0)
-        pred = np.asarray(jnp.argmax(clean_scorer(res.x_adv, None), -1))
-        fooled = (pred == attack_set.targets) if targeted else (pred != attack_set.labels)
-        d = (res.x_adv - attack_set.images).reshape(len(pred), -1)
-        dist = np.abs(d).max(1) if spec.battery["norm"] == "linf" else np.linalg.norm(d, axis=1)
-        ok = fooled & (dist <= spec.battery["eps"] + 1e-5)
-        assert ok.mean() >= 0.9, (name, "targeted" if targeted else "untargeted", ok, res.queries)
-        assert res.queries.max() <= budget
+    _, budget = runner(name, context, clean_scorer, targeted, n)
+    res = _undefended(name, context, clean_scorer, attack_set, targeted, 0)
+    pred = np.asarray(jnp.argmax(clean_scorer(res.x_adv, None), -1))
+    fooled = (pred == attack_set.targets) if targeted else (pred != attack_set.labels)
+    d = (res.x_adv - attack_set.images).reshape(len(pred), -1)
+    dist = np.abs(d).max(1) if spec.battery["norm"] == "linf" else np.linalg.norm(d, axis=1)
+    ok = fooled & (dist <= spec.battery["eps"] + 1e-5)
+    assert ok.mean() >= 0.9, (name, "targeted" if targeted else "untargeted", ok, res.queries)
+    assert res.queries.max() <= budget
 
 
 EAGER_FAST = ("square_linf", "rays")  # the eager witness by default (NES: tests/test_nes.py); all with -m slow
@@ -148,13 +157,19 @@ def test_eager_counter_proves_budget(name, context, clean_scorer, attack_set):
 _NOISY = {}
 
 
-def _noisy_batch(name, context, clean_scorer, attack_set):
+def _noisy_batch(name, context, clean_scorer, attack_set, short=True):
     """The batch under output noise (sigma = 1e-4) and the verified rule (a superset of the single rule's work)."""
-    if name not in _NOISY:
+    if (name, short) not in _NOISY:
         sel, n = attack_set, len(attack_set.labels)
-        f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=True)
-        _NOISY[name] = as_np(f(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), 1e-4, keys(2, n), 1))
-    return _NOISY[name]
+        f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=short)
+        _NOISY[name, short] = as_np(f(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), 1e-4, keys(2, n), 1))
+    return _NOISY[name, short]
+
+
+# One image alone (its own unvmapped program) for attacks of every kind by default; the variants that share
+# their code with one of these (OPT ~ Sign-OPT, hsja_linf ~ hsja, parsimonious: tests/test_new_attacks.py) and
+# the costliest decision programs with -m slow.
+ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious")
 
 
 @pytest.mark.parametrize("name", by_attack(NAMES))
@@ -162,16 +177,16 @@ def test_replay_is_bit_identical(name, context, clean_scorer, attack_set):
     """Under output noise and the verified stop rule the same keys replay bit for bit; the program does not
     retrace (it is the success test's for the costliest attacks, called there with other inputs)."""
     sel, n = attack_set, len(attack_set.labels)
-    a = _noisy_batch(name, context, clean_scorer, attack_set)
-    f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=True)
+    # the short program is the alone test's; where that test is slow, replay the success test's program
+    # (parsimonious: its full budget under noise runs longer than the short program compiles)
+    short = name not in ALONE_SLOW or name == "parsimonious"
+    a = _noisy_batch(name, context, clean_scorer, attack_set, short)
+    f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=short)
     b = as_np(f(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), 1e-4, keys(2, n), 1))
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
 
 
-# One image alone (its own unvmapped program) for attacks of every kind by default; the variants that share
-# their code with one of these (OPT ~ Sign-OPT, hsja_linf ~ hsja) and the costliest decision programs with -m slow.
-ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious")
 
 
 @pytest.mark.parametrize("name", by_attack(NAMES, slow=ALONE_SLOW))
