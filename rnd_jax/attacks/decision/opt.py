@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
+from rnd_jax.oracle import live_while
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,9 @@ def opt(cfg: OPTConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
             better = g_i < g_min
             return off, grad + (g_i - g) / beta * u[i], jnp.where(better, g_i, g_min), jnp.where(better, th, th_min)
 
-        off, grad, g_min, th_min = jax.lax.fori_loop(0, q, probe, (off, jnp.zeros_like(theta), jnp.asarray(jnp.inf),
-                                                                   theta))
+        # a live_while (not a bare fori_loop): the probes' answers are watched for non-finite scores
+        init = (jnp.zeros((), jnp.int32), (off, jnp.zeros_like(theta), jnp.asarray(jnp.inf), theta))
+        _, (off, grad, g_min, th_min) = live_while(lambda c: c[0] < q, lambda c: (c[0] + 1, probe(c[0], c[1])), init)
         return grad / q, off, g_min, th_min
 
     return C.ray_attack(cfg, pool, estimate, q * (1 + cfg.max_scale + cfg.max_bisect), cfg.tolerance)
