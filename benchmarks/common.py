@@ -63,6 +63,15 @@ def configure(args, counts=("n_images", "repeats")) -> dict:
     return {"names": names, "sigmas": sigmas, "ds": ds, "model": model_name}
 
 
+def parse(parser, configure_fn, argv=None):
+    """``(args, checked)``: the parsed options and ``configure_fn(args)``; a ``ValueError`` is a usage error."""
+    args = parser.parse_args(argv)
+    try:
+        return args, configure_fn(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def load(args, c: dict, compact: bool = False) -> SimpleNamespace:
     """The benchmark's model, clean scorer, test split and attack context (a surrogate if an attack needs
     one), trained or loaded from the checkpoint cache; the persistent compilation cache on."""

@@ -122,12 +122,7 @@ def configure(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    try:
-        c = configure(args)
-    except ValueError as e:
-        parser.error(str(e))
+    args, c = common.parse(get_parser(), configure, argv)
     names, sigmas, ds, model_name = c["names"], c["sigmas"], c["ds"], c["model"]
     b = common.load(args, c, compact=not args.no_compact)
     tmp = None

@@ -17,6 +17,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -105,6 +106,17 @@ def attack_set(clean_scorer, digits_test):
 
     x, y = digits_test
     return select_images(jax.random.key(7), clean_scorer, x, y, 10, True, 10)
+
+
+def const_scorer(p):
+    """A scorer answering the probability vector ``p`` to every point."""
+    p = jnp.asarray(p, jnp.float32)
+    return lambda x, keys: jnp.broadcast_to(p, (x.shape[0], p.shape[0]))
+
+
+def identity_scorer(x, keys):
+    """Exposes the (noisy) input as the 'answer', to check input noise."""
+    return x.reshape(x.shape[0], -1)
 
 
 def keys(seed: int, n: int):

@@ -5,21 +5,12 @@ import pytest
 
 import flax.linen as nn
 
+from conftest import const_scorer, identity_scorer
 from rnd_jax.defenses import (DEFENSES, build_defense, correlated_noise, feature_noise, input_noise, output_noise,
                               quantize, resize_pad)
 from rnd_jax.oracle import query_keys
 
 K = 10
-
-
-def const_scorer(p):
-    p = jnp.asarray(p, jnp.float32)
-    return lambda x, keys: jnp.broadcast_to(p, (x.shape[0], p.shape[0]))
-
-
-def identity_scorer(x, keys):
-    """Exposes the (noisy) input as the 'answer', to check input noise."""
-    return x.reshape(x.shape[0], -1)
 
 
 def draw(scorer, n, seed=0, shape=(8, 8, 1), fill=0.5):

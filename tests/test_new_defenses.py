@@ -10,21 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import const_scorer, identity_scorer
 from rnd_jax import jpeg as jpeg_codec
 from rnd_jax import losses, pytree
 from rnd_jax.defenses import aaa, aaa_target, build_defense, jpeg, output_noise_park, random_resize_pad
 from rnd_jax.oracle import query_keys
 
 K = 10
-
-
-def const_scorer(p):
-    p = jnp.asarray(p, jnp.float32)
-    return lambda x, keys: jnp.broadcast_to(p, (x.shape[0], p.shape[0]))
-
-
-def identity_scorer(x, keys):
-    return x.reshape(x.shape[0], -1)
 
 
 def pixel_scorer(x, keys):
