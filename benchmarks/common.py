@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import jax.numpy as jnp
 
-from experiments.common import dataset_info, resolve_model
+from experiments.common import dataset_info, resolve_model, write_error
 from rnd_jax import compile_cache, data, train
 from rnd_jax.attacks import ATTACKS, Context
 from rnd_jax.defenses import check_level, model_scorer
@@ -28,18 +27,16 @@ def add_args(p, sigmas=(0.0,), repeats: int = 3) -> None:
 
 def check_out_file(path) -> Path:
     """``ValueError`` unless ``path`` can be written as a file: not a folder, in an existing writable
-    folder. Probed with a temporary file in that folder (removed at once); ``path`` itself is not touched."""
+    folder (:func:`experiments.common.write_error`); ``path`` itself is not touched."""
     out = Path(path).expanduser()
     if out.is_dir():
         raise ValueError(f"--out {str(path)!r} is a folder; give a JSON file name")
     folder = out.parent
     if not folder.is_dir():
         raise ValueError(f"--out {str(path)!r}: its folder {str(folder)!r} does not exist or is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {str(path)!r}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
+    e = write_error(folder)
+    if e is not None:
+        raise ValueError(f"--out {str(path)!r}: cannot write in {str(folder)!r} ({e.strerror or e})")
     return out
 
 

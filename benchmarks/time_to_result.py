@@ -49,7 +49,7 @@ from experiments.common import cli, table
 from rnd_jax import compile_cache, pytree
 from rnd_jax.attacks import ATTACKS, make_attack
 from rnd_jax.defenses import output_noise
-from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, run_cell, select_images
+from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, select_images, summarize
 from rnd_jax.foreign import HostModel, host_scorer
 from rnd_jax.oracle import Oracle
 
@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
                 res = jax.block_until_ready(exe(*inputs))
                 walls.append(time.perf_counter() - t0)
             row["wall_s"] = min(walls)
-            metrics, _ = run_cell(lambda *a: res, sel, keys, protocol)
+            metrics = summarize(sel, *res, protocol.targeted, protocol.check_queries, protocol.eps, protocol.norm)
             row["asr"] = metrics["asr"]
             row["queries_mean"] = float(np.mean(np.asarray(res[0].queries)))
             if not args.no_host:

@@ -141,8 +141,6 @@ def check_out(path, flag: str = "--out") -> Path:
     whose nearest existing parent is a writable folder. Nothing is created: a write is probed with a
     temporary file (removed at once) in the folder or that parent, so a read-only file system, a
     missing permission and root's bypass of permission bits are all judged by the file system itself."""
-    import tempfile
-
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a file, not a folder")
@@ -153,13 +151,23 @@ def check_out(path, flag: str = "--out") -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise ValueError(f"{flag} {str(path)!r}: {str(probe)!r} is a file, so the folder cannot be created")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
+    e = write_error(probe)
+    if e is not None:
         where = "" if probe == out else f" (its parent {str(probe)!r} is not writable)"
-        raise ValueError(f"{flag} {str(path)!r} is not writable{where}: {e.strerror or e}") from None
+        raise ValueError(f"{flag} {str(path)!r} is not writable{where}: {e.strerror or e}")
     return out
+
+
+def write_error(folder) -> OSError | None:
+    """Why a file cannot be written in ``folder`` (None if it can): probed with a temporary file, removed
+    at once, so the file system itself judges (read-only mounts, permissions, root's bypass of them)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e
 
 
 CONFIG = "config.json"
