@@ -23,8 +23,6 @@ driver loop it is the wrapped scorer.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
@@ -43,20 +41,6 @@ def compacted(scorer, min_batch: int = MIN_BATCH):
     if not callable(scorer):
         raise ValueError(f"scorer must be callable (x, keys) -> scores, got {scorer!r}")
     return Partial(_compacted_scores, scorer, min_batch)
-
-
-@contextlib.contextmanager
-def _outside_loops():
-    """Trace the wrapped scorer as if no loop predicate were in force (it sees only live points)."""
-    stack = getattr(_oracle._LIVE, "stack", None)
-    saved = list(stack) if stack else []
-    if stack:
-        stack.clear()
-    try:
-        yield
-    finally:
-        if stack is not None:
-            stack.extend(saved)
 
 
 def _compacted_scores(scorer, min_batch, x, keys):
@@ -82,7 +66,7 @@ def _program(static, min_batch: int, keyless: bool):
 
     def on_live(arrays, x, mask, *keys):
         scorer = pytree.combine(arrays, static)
-        with _outside_loops():
+        with _oracle.outside_loops():  # the wrapped scorer sees only live points
             return _bucketed(scorer, min_batch, x, mask, keys[0] if keys else None)
 
     fn = jax.custom_batching.custom_vmap(on_live)

@@ -72,6 +72,11 @@ TARGETED = {"xent": targeted_xent, "cw": targeted_cw}
 UNTARGETED = {"margin": margin, "xent": untargeted_xent}
 
 
+def goal_loss(targeted: bool, loss: str | None) -> str:
+    """The loss name in force: ``loss``, or the goal's default (``xent`` targeted, ``margin`` untargeted)."""
+    return loss or ("xent" if targeted else "margin")
+
+
 def check_goal(attack: str, targeted, loss) -> None:
     """Validate an attack config's ``targeted`` flag and ``loss`` name (``None`` = the goal's default)."""
     if not isinstance(targeted, bool):

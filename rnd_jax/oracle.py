@@ -214,6 +214,21 @@ def live():
 
 
 @contextlib.contextmanager
+def outside_loops():
+    """Trace as if no loop predicate were in force: :func:`live` is ``None`` inside (for a scorer that is
+    handed only the live points, e.g. :func:`rnd_jax.compact.compacted`'s wrapped one)."""
+    stack = getattr(_LIVE, "stack", None)
+    saved = list(stack) if stack else []
+    if stack:
+        stack.clear()
+    try:
+        yield
+    finally:
+        if stack is not None:
+            stack.extend(saved)
+
+
+@contextlib.contextmanager
 def _living(pred):
     outer = live()
     pred = jnp.asarray(pred, bool)

@@ -72,7 +72,7 @@ class NESConfig:
 
     @property
     def loss_name(self) -> str:
-        return self.loss or ("xent" if self.targeted else "margin")
+        return losses.goal_loss(self.targeted, self.loss)
 
 
 class NESState(NamedTuple):

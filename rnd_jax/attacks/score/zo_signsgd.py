@@ -90,7 +90,7 @@ class ZOSignSGDConfig:
 
     @property
     def loss_name(self) -> str:
-        return self.loss or ("xent" if self.targeted else "margin")
+        return losses.goal_loss(self.targeted, self.loss)
 
 
 class ZOSignSGDState(NamedTuple):
