@@ -1029,30 +1029,18 @@ class Sweeper:
         return (path / "meta.json").exists()
 
     def _load(self, name: str, dataset: str, seed: int):
-        """(model, params) from the checkpoint cache, trained first if missing (one process only).
-
-        Under ``jax.distributed`` a checkpoint is restored onto this process's first device: Orbax
-        would otherwise restore it onto the devices that saved it, which the other processes lack.
-        """
+        """(model, params) from the checkpoint cache, trained first if missing (one process only: under
+        ``jax.distributed`` every model must be in the cache already; each process restores it onto its
+        own first device, :func:`rnd_jax.train.load_or_train`)."""
         tcfg = train.TrainConfig(seed=seed)
-        if jax.process_count() == 1:
-            return train.load_or_train(name, dataset, tcfg, cache_dir=self.cache_dir, data_dir=self.data_dir,
-                                       progress=self.progress)
-        import orbax.checkpoint as ocp
-
-        path = train.cache_path(name, dataset, tcfg, self.cache_dir)
-        if not (path / "meta.json").exists():
+        if jax.process_count() > 1 and not (train.cache_path(name, dataset, tcfg, self.cache_dir)
+                                            / "meta.json").exists():
             raise ValueError(f"model {name!r} ({dataset}, train seed {seed}) is not in the checkpoint cache "
-                             f"{path.parent}: with several processes every model must be trained beforehand (run "
-                             f"the grid once without --distributed, e.g. its --smoke size, with the same --cache-dir)")
-        meta = json.loads((path / "meta.json").read_text())
-        model = models.get_model(meta["model"], num_classes=meta["num_classes"])
-        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
-                                jax.ShapeDtypeStruct((1, *meta["input_shape"]), jnp.float32))["params"]
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), shapes)
-        with ocp.StandardCheckpointer() as ckptr:
-            return model, ckptr.restore(path / "params", target)
+                             f"{train.cache_path(name, dataset, tcfg, self.cache_dir).parent}: with several "
+                             f"processes every model must be trained beforehand (run the grid once without "
+                             f"--distributed, e.g. its --smoke size, with the same --cache-dir)")
+        return train.load_or_train(name, dataset, tcfg, cache_dir=self.cache_dir, data_dir=self.data_dir,
+                                   progress=self.progress)
 
     def model(self, c: dict):
         k = (c["dataset"], c["model"], c["train_seed"])

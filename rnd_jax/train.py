@@ -306,11 +306,15 @@ def _abstract_params(model: nn.Module, input_shape: Sequence[int]):
 
 
 def _load(path: Path):
+    """(model, params) of a cache entry, restored onto this process's first device (Orbax would otherwise
+    restore onto the devices that saved it, which other processes of a ``jax.distributed`` run lack)."""
     import orbax.checkpoint as ocp
 
     meta = json.loads((path / "meta.json").read_text())
     model = get_model(meta["model"], num_classes=meta["num_classes"])
-    target = _abstract_params(model, meta["input_shape"])
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+                          _abstract_params(model, meta["input_shape"]))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(path / "params", target)
     return model, params
