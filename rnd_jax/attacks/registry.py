@@ -38,6 +38,10 @@ FAMILIES = ("score", "decision")
 # Battery radii shared by every attack of a norm (digits 8x8 in [0, 1]).
 BATTERY_EPS = {"linf": 0.3, "l2": 2.0}
 
+# Training seeds of the models in ``Context.surrogates``, as offsets from the attacked model's seed (P-RGF's
+# one ``Context.surrogate`` is offset 1): the sweeps and experiments train them on the training split.
+SURROGATE_OFFSETS = (1, 2)
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:
@@ -47,6 +51,7 @@ class Context:
     train_labels: Any = None  # i32[N]
     num_classes: int = 10
     surrogate: Any = None  # a clean scorer of a separately trained model (transfer priors)
+    surrogates: Any = None  # a tuple of clean scorers of separately trained models (Subspace's references)
 
     def __post_init__(self):
         k = self.num_classes
@@ -61,6 +66,11 @@ class Context:
                                  f"{xs} and {ys}")
         if self.surrogate is not None and not callable(self.surrogate):
             raise ValueError("Context.surrogate must be a scorer (x, keys) -> probabilities")
+        if self.surrogates is not None:
+            if not (isinstance(self.surrogates, (tuple, list)) and self.surrogates
+                    and all(callable(s) for s in self.surrogates)):
+                raise ValueError("Context.surrogates must be a non-empty tuple of scorers (x, keys) -> probabilities")
+            object.__setattr__(self, "surrogates", tuple(self.surrogates))
 
 
 @dataclasses.dataclass(frozen=True)
