@@ -44,6 +44,11 @@ Implemented here:
   larger image), :func:`jpeg` (JPEG compression of each query, Guo et al. 2018; :mod:`rnd_jax.jpeg`)
   and :func:`aaa` (Adversarial Attack on Attackers, Chen et al. 2022: deterministic logit
   post-processing that reverses the attacker's margin loss and keeps the top-1 label).
+- Trained noise layers (:mod:`rnd_jax.noisy`, trained with :mod:`rnd_jax.train`): :func:`rse` (Random
+  Self-Ensemble, Liu et al. 2018: the mean of several noisy passes) and :func:`pni` (Parametric Noise
+  Injection, He et al. 2019: the noise kept on at inference); their level is the number of noisy passes.
+- :func:`feature_noise` with ``scale="std"``: the noise of each feature scaled by its std on training data,
+  as the randomized feature defense's official code does.
 
 Levels are refused when built if they are not finite, negative, or so large that their square
 overflows float32 (:func:`check_level`).
@@ -257,13 +262,30 @@ def _input_noise(scorer, nu, clip, scale, x, keys):
     return scorer(xn, inner)
 
 
-def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
+FEATURE_STD = "feature_std"
+"""The entry of ``params`` that holds per-feature stds for ``feature_noise(..., scale="std")``."""
+
+
+def with_feature_std(params, stats) -> dict:
+    """``params`` with per-feature stds ``{mark: f32[*feature shape]}`` (e.g. :func:`rnd_jax.train.feature_std`)
+    under :data:`FEATURE_STD`, where ``feature_noise(..., scale="std")`` finds them: leaves of the scorer, so a
+    compiled program takes them as arguments. The model ignores the extra entry."""
+    return {**params, FEATURE_STD: {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}}
+
+
+def feature_noise(model, params, nu, input_shape, layers=None, scale=None) -> Scorer:
     """Randomized feature defense (Algorithm 1): ``h_l(x) + nu_l * delta`` at marked layers.
 
     ``nu`` is one std for every layer in ``layers`` (default: the penultimate marked layer, i.e.
     the last mark before the logits), or a dict ``{layer: std}``. ``input_shape`` is the
     per-image ``(H, W, C)``, used to find the marked layers and their shapes. This is a base
     scorer (it replaces :func:`model_scorer`); other defenses compose on top of it.
+
+    ``scale``: ``None`` (noise of std ``nu``), or per-feature stds as the authors' code uses them: the noise is
+    ``nu * s * delta`` with ``s`` the per-element std of the layer's features over training data, so ``nu`` is
+    relative to each feature's spread. ``"std"`` takes ``s`` from ``params[FEATURE_STD]`` (attached with
+    :func:`with_feature_std`; :func:`rnd_jax.train.feature_std` computes and caches them), or give a dict
+    ``{layer: f32[*feature shape]}``. The stds are leaves of the scorer (program arguments, never constants).
     """
     from rnd_jax.models import feature_shapes
 
@@ -284,14 +306,49 @@ def feature_noise(model, params, nu, input_shape, layers=None) -> Scorer:
         raise ValueError(f"unknown or missing feature layer(s) {unknown}; this model marks {names}")
     levels = {n: check_level(f"nu[{n}]", v) for n, v in levels.items()}
     active = [n for n in names if n in levels and not _is_zero(levels[n])]
+    scales = _feature_scales(scale, params, active, shapes)
     clean = model_scorer(model, params)
     if not active:
         return clean
     return Partial(_feature_noise, model, params, tuple(names), tuple(active), {n: levels[n] for n in active},
-                   {n: tuple(shapes[n]) for n in names})
+                   {n: tuple(shapes[n]) for n in names}, scales)
 
 
-def _feature_noise(model, params, names, active, levels, shapes, x, keys):
+def _feature_scales(scale, params, active, shapes):
+    """The per-feature stds of the active layers (``None`` without ``scale``), validated."""
+    if scale is None:
+        return None
+    if isinstance(scale, str):
+        if scale != "std":
+            raise ValueError(f"feature_noise scale must be None, 'std' or a dict of per-feature stds, got {scale!r}")
+        if params is None:  # shapes-only validation (a sweep's plan): the stds come with the trained params
+            return None
+        if not isinstance(params, dict) or FEATURE_STD not in params:
+            raise ValueError("feature_noise scale='std' needs params[FEATURE_STD]: attach the training stds with "
+                             "with_feature_std(params, rnd_jax.train.feature_std(...))")
+        scale = params[FEATURE_STD]
+    if not isinstance(scale, dict):
+        raise ValueError(f"feature_noise scale must be None, 'std' or a dict of per-feature stds, got {scale!r}")
+    missing = [n for n in active if n not in scale]
+    if missing:
+        raise ValueError(f"feature_noise scale has no stds for layer(s) {missing}")
+    out = {}
+    for n in active:
+        s = scale[n]
+        if _traced(s):
+            out[n] = s
+            continue
+        a = np.asarray(s)
+        if a.shape != tuple(shapes[n]) or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"feature_noise scale[{n!r}] must be floats of the feature shape {tuple(shapes[n])}, got "
+                             f"{a.dtype} {a.shape}")
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise ValueError(f"feature_noise scale[{n!r}] must be finite and >= 0")
+        out[n] = s if isinstance(s, jax.Array) else jnp.asarray(a, jnp.float32)
+    return out
+
+
+def _feature_noise(model, params, names, active, levels, shapes, scales, x, keys):
     from rnd_jax.models import PERTURBATIONS
 
     mine, _ = _split_keys(keys)
@@ -299,7 +356,10 @@ def _feature_noise(model, params, names, active, levels, shapes, x, keys):
     for i, n in enumerate(names):
         if n in active:
             k = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(mine)
-            pert[n] = levels[n] * _normal(k, shapes[n], x.dtype)
+            noise = _normal(k, shapes[n], x.dtype)
+            if scales is not None:
+                noise = noise * scales[n].astype(x.dtype)
+            pert[n] = levels[n] * noise
         else:
             pert[n] = jnp.zeros((x.shape[0],) + shapes[n], x.dtype)
     logits = model.apply({"params": params, PERTURBATIONS: pert}, x)
@@ -674,6 +734,54 @@ def _aaa(scorer, tau, beta, kind, temperature, weight, num_iter, lr, min_margin,
     return jax.nn.softmax(u, axis=-1)
 
 
+MAX_ENSEMBLE = 4096  # noisy passes one query may cost
+
+
+def rse(model, params, ensemble=10) -> Scorer:
+    """Random Self-Ensemble at inference (Liu et al., ECCV 2018): the mean of the probabilities of ``ensemble``
+    forward passes of a model trained with RSE noise layers (:func:`rnd_jax.noisy.noisy_model`;
+    ``TrainConfig(rse_init=..., rse_inner=...)``), each with its own noise. Query point ``q``'s pass ``m`` draws
+    its noise from ``fold_in(key_q, m)`` (``key_q`` this defense's share of the point's key), so a point's answer
+    never depends on its batch. ``ensemble`` (int >= 1; the paper averages 10 passes) multiplies the model
+    time of every query. ``ValueError`` for a model without RSE noise."""
+    return _trained_noise(model, params, ensemble, "rse")
+
+
+def pni(model, params, ensemble=1) -> Scorer:
+    """Parametric Noise Injection at inference (He, Rakin & Fan, CVPR 2019): a model trained with PNI noise
+    (``TrainConfig(pni=..., adv_eps=...)``) answers with its noise on, one noisy pass per query (``ensemble`` > 1
+    averages that many passes' probabilities, as :func:`rse` does). ``ValueError`` for a model without PNI."""
+    return _trained_noise(model, params, ensemble, "pni")
+
+
+def _trained_noise(model, params, ensemble, kind: str) -> Scorer:
+    from rnd_jax.noisy import noise_config
+
+    n = _check_int(f"{kind} ensemble (noisy passes per query)", ensemble, 1, MAX_ENSEMBLE)
+    c = noise_config(model)
+    has = (c["rse_init"] > 0 or c["rse_inner"] > 0) if kind == "rse" else bool(c["pni_weights"] or c["pni_acts"])
+    if not has:
+        fields = "rse_init / rse_inner" if kind == "rse" else "pni (with adv_eps)"
+        raise ValueError(f"defense {kind!r} needs a model trained with {kind.upper()} noise layers "
+                         f"(rnd_jax.train.TrainConfig {fields}); this model has none")
+    return Partial(_trained_noise_scores, model, params, n)
+
+
+def _trained_noise_scores(model, params, n, x, keys):
+    from rnd_jax.noisy import NOISE_RNG
+
+    mine, _ = _split_keys(keys)
+
+    def one(xi, k):
+        def member(m):
+            logits = model.apply({"params": params}, xi[None], rngs={NOISE_RNG: jax.random.fold_in(k, m)})
+            return jax.nn.softmax(logits[0], axis=-1)
+
+        return jnp.mean(jax.vmap(member)(jnp.arange(n)), axis=0)
+
+    return jax.vmap(one)(x, mine)
+
+
 @dataclasses.dataclass(frozen=True)
 class DefenseSpec:
     """A defense family by name: ``build(model, params, level, input_shape, **options) -> Scorer``.
@@ -701,8 +809,8 @@ DEFENSES: dict[str, DefenseSpec] = {d.name: d for d in (
     DefenseSpec("output_noise_logits", "sigma", _on_clean(lambda s, v: output_noise(s, v, "logits")), True),
     DefenseSpec("input_noise", "nu", _on_clean(input_noise), True, ("clip", "scale")),
     DefenseSpec("feature_noise", "nu",
-                lambda model, params, level, input_shape, layers=None: feature_noise(model, params, level, input_shape,
-                                                                                  layers), True, ("layers",)),
+                lambda model, params, level, input_shape, layers=None, scale=None: feature_noise(
+                    model, params, level, input_shape, layers, scale), True, ("layers", "scale")),
     DefenseSpec("quantize", "bits", _on_clean(quantize), False),
     DefenseSpec("correlated_noise", "alpha", _on_clean(correlated_noise), False, ("sigma",)),
     DefenseSpec("resize_pad", "max_extra", _on_clean(resize_pad), False),
@@ -714,6 +822,8 @@ DEFENSES: dict[str, DefenseSpec] = {d.name: d for d in (
     DefenseSpec("output_noise_park", "variance", _on_clean(output_noise_park), True, ("mean",)),
     DefenseSpec("aaa", "attractor_interval", _on_clean(aaa), False,
                 ("reverse_step", "kind", "temperature", "calibration_weight", "num_iter", "lr", "min_margin")),
+    DefenseSpec("rse", "ensemble", lambda model, params, level, input_shape: rse(model, params, level), False),
+    DefenseSpec("pni", "ensemble", lambda model, params, level, input_shape: pni(model, params, level), False),
 )}
 
 

@@ -22,11 +22,42 @@ permutation; the last ``N mod batch_size`` examples of each permutation are skip
 (a different subset every epoch), so every step has the same shape and nothing
 recompiles.
 
+Training-time defenses
+----------------------
+Options of :class:`TrainConfig` (every one off by default, so the configs of clean models and their cache keys
+are those they always were):
+
+* ``augment_noise``: plain Gaussian data augmentation, ``x + N(0, s^2)`` (clipped to [0, 1] by default).
+* ``adv_eps`` > 0: PGD adversarial training (Madry et al., "Towards Deep Learning Models Resistant to
+  Adversarial Attacks", ICLR 2018): each minibatch is replaced by ``adv_steps`` steps of l_inf PGD on the
+  training loss (:func:`pgd_attack`: uniform random start in the eps-ball, signed-gradient ascent of size
+  ``adv_step_size``, projection onto the ball and onto [0, 1]), inside the jitted epoch; the loss is
+  ``(1 - adv_weight) CE(x) + adv_weight CE(x_adv)`` (Madry: ``adv_weight = 1``; PNI: 0.5). With input noise
+  at inference this is RND-AT (Qin et al., "Random Noise Defense Against Query-Based Black-Box Attacks",
+  NeurIPS 2021).
+* ``gf_noise`` > 0: RND-GF, Gaussian augmentation fine-tuning as RND defines it: the loss is
+  ``-log E_delta[F(x + delta)]_y``, ``delta ~ N(0, gf_noise^2 I)`` the test-time noise (not clipped), the
+  expectation a Monte-Carlo mean of the *probabilities* over ``gf_samples`` draws inside the log
+  (:func:`gf_loss`, computed as a log-mean-exp of log-probabilities, so it is finite wherever the log-softmax
+  is). With ``finetune`` it starts from the clean checkpoint (see below), as RND's GF does.
+* ``rse_init`` / ``rse_inner``: Random Self-Ensemble noise layers (:mod:`rnd_jax.noisy`), trained with them.
+* ``pni``: Parametric Noise Injection on weights and/or activations (:mod:`rnd_jax.noisy`), to train with
+  ``adv_eps`` > 0 as the paper does.
+* ``finetune``: start from the clean model of the same name, dataset and seed (``TrainConfig(seed=seed)``,
+  trained and cached first when missing) instead of a fresh initialisation; ``epochs`` and
+  ``learning_rate`` are then the fine-tuning schedule. New noise scales (PNI) start at their initial value.
+
+PNI's noise scales are excluded from AdamW's weight decay (a choice made here: decay would only pull them to 0).
+
+The noise layers of RSE and PNI draw from the ``"noise"`` rng of each step; the model with noise layers is
+:func:`build_model`'s, rebuilt from the config stored in the cache entry when it is loaded.
+
 Cache
 -----
 :func:`load_or_train` stores a trained model under ``<cache_dir>/<model>-<dataset>-<key16>``,
 ``key`` = sha256 of the canonical JSON of ``(CACHE_VERSION, model name, dataset,
-dataclasses.asdict(cfg))``.  The directory holds ``params/`` (an Orbax
+dataclasses.asdict(cfg))`` without the training-time-defense fields that are at their defaults (so adding such
+a field changes no existing key).  The directory holds ``params/`` (an Orbax
 ``StandardCheckpointer`` checkpoint, written synchronously) and ``meta.json`` (config,
 shapes, accuracies, timings, library versions).  It is assembled in a temporary sibling
 directory and moved into place with one ``os.rename``, so an interrupted run leaves at
@@ -57,16 +88,22 @@ import numpy as np
 import optax
 
 from rnd_jax import data
-from rnd_jax.models import check_fits, get_model
+from rnd_jax.defenses import F32_LEVEL_MAX
+from rnd_jax.models import INPUT_SHAPES, check_fits, get_model
+from rnd_jax.noisy import NOISE_RNG, PNI_KINDS, noisy_model
 
 __all__ = [
     "CACHE_VERSION",
     "TrainConfig",
     "accuracy",
+    "build_model",
     "cache_key",
     "cache_path",
     "default_cache_dir",
+    "feature_std",
+    "gf_loss",
     "load_or_train",
+    "pgd_attack",
     "train",
 ]
 
@@ -89,6 +126,28 @@ class TrainConfig:
         augment_clip: clip noisy training inputs back to ``[0, 1]``.
         logit_noise: std of Gaussian noise added to the logits inside the training loss
             (finite, >= 0; 0 disables it).
+        adv_eps: l_inf radius of PGD adversarial training on [0, 1] pixels (finite, >= 0; 0 disables it;
+            Madry et al. use 0.3 on MNIST and 8/255 on CIFAR-10: the radius is per pixel, so it does not scale
+            with the input size).
+        adv_steps: PGD steps per minibatch (int >= 1; Madry et al.: 40 on MNIST, 7 on CIFAR-10).
+        adv_step_size: PGD step size (finite, >= 0; 0 means ``2.5 * adv_eps / adv_steps``, Madry et al.'s rule).
+        adv_norm: the PGD threat model; only ``"linf"``.
+        adv_random_start: start PGD at a uniform point of the eps-ball (Madry et al.) instead of at ``x``.
+        adv_weight: weight of the adversarial loss, the clean loss getting ``1 - adv_weight`` (in [0, 1];
+            Madry et al.: 1, PNI: 0.5).
+        gf_noise: RND-GF: std of the test-time noise inside ``-log E[F(x + delta)]`` (finite, >= 0; 0 disables
+            it; RND uses its inference noise, e.g. 0.02 on CIFAR-10).
+        gf_samples: RND-GF: Monte-Carlo draws of ``delta`` per example (int >= 1).
+        rse_init: RSE: std of the noise on the input, before the first convolution (finite, >= 0; the paper's
+            CIFAR-10 setting: 0.2).
+        rse_inner: RSE: std of the noise before the other convolutions (finite, >= 0; paper: 0.1).
+        rse_layers: RSE: the marks that get ``rse_inner`` (a tuple of names; ``None``: the marks that feed a
+            convolution, :data:`rnd_jax.noisy.RSE_LAYERS`).
+        pni: PNI variant, one of ``""`` (off), ``"weight"`` (PNI-W), ``"activation"`` (PNI-A), ``"both"``.
+        pni_init: initial PNI noise scale alpha (finite, >= 0; the authors' 0.25).
+        pni_channelwise: one PNI weight scale per output channel instead of one per layer.
+        finetune: start from the clean model ``TrainConfig(seed=seed)`` of the same model and dataset (RND-GF
+            fine-tunes a trained model); ``epochs`` and ``learning_rate`` are the fine-tuning schedule.
 
     The defaults train ``digits_cnn`` on ``digits`` (22 steps/epoch) to 97.8-98.3% test
     accuracy over seeds 0-3 (98.06% for seed 0) in ~5-10 s on 2 CPU cores, ~1 s of it
@@ -105,6 +164,21 @@ class TrainConfig:
     augment_noise: float = 0.0
     augment_clip: bool = True
     logit_noise: float = 0.0
+    adv_eps: float = 0.0
+    adv_steps: int = 7
+    adv_step_size: float = 0.0
+    adv_norm: str = "linf"
+    adv_random_start: bool = True
+    adv_weight: float = 1.0
+    gf_noise: float = 0.0
+    gf_samples: int = 4
+    rse_init: float = 0.0
+    rse_inner: float = 0.0
+    rse_layers: tuple[str, ...] | None = None
+    pni: str = ""
+    pni_init: float = 0.25
+    pni_channelwise: bool = False
+    finetune: bool = False
 
     def __post_init__(self):
         def integer(name, minimum):
@@ -132,9 +206,49 @@ class TrainConfig:
         real("weight_decay", positive=False)
         real("augment_noise", positive=False)
         real("logit_noise", positive=False)
-        if not isinstance(self.augment_clip, (bool, np.bool_)):
-            raise ValueError(f"augment_clip must be a bool, got {self.augment_clip!r}")
-        object.__setattr__(self, "augment_clip", bool(self.augment_clip))
+        def boolean(name):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+            object.__setattr__(self, name, bool(value))
+
+        boolean("augment_clip")
+        for name in ("adv_eps", "adv_step_size", "gf_noise", "rse_init", "rse_inner", "pni_init"):
+            real(name, positive=False)
+        real("adv_weight", positive=False)
+        if self.adv_weight > 1:
+            raise ValueError(f"adv_weight must be in [0, 1], got {self.adv_weight}")
+        integer("adv_steps", 1)
+        integer("gf_samples", 1)
+        for name in ("adv_random_start", "pni_channelwise", "finetune"):
+            boolean(name)
+        if self.adv_norm != "linf":
+            raise ValueError(f"adv_norm must be 'linf' (the only PGD threat model here), got {self.adv_norm!r}")
+        if not isinstance(self.pni, str) or self.pni not in PNI_KINDS:
+            raise ValueError(f"pni must be one of {PNI_KINDS}, got {self.pni!r}")
+        if self.rse_layers is not None:
+            layers = self.rse_layers
+            if isinstance(layers, str) or not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(n, str) and n for n in layers):
+                raise ValueError(f"rse_layers must be None or a list of mark names, got {layers!r}")
+            object.__setattr__(self, "rse_layers", tuple(layers))
+        for name in ("adv_eps", "adv_step_size", "gf_noise", "rse_init", "rse_inner"):
+            if getattr(self, name) > F32_LEVEL_MAX:
+                raise ValueError(f"{name} = {getattr(self, name)} overflows float32 (at most {F32_LEVEL_MAX:.4g})")
+
+    @property
+    def defended(self) -> bool:
+        """Whether any training-time-defense field differs from its default."""
+        return any(getattr(self, f) != d for f, d in _DEFENSE_DEFAULTS.items())
+
+    def clean(self) -> "TrainConfig":
+        """The clean model a ``finetune`` config starts from: the default config with this seed."""
+        return TrainConfig(seed=self.seed)
+
+
+_ORIGINAL_FIELDS = ("epochs", "batch_size", "learning_rate", "weight_decay", "seed", "augment_noise", "augment_clip",
+                    "logit_noise")
+_DEFENSE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in _ORIGINAL_FIELDS}
 
 
 # ----------------------------------------------------------------------------- training
@@ -156,19 +270,94 @@ def _num_classes(labels: np.ndarray) -> int:
     return max(int(np.max(labels)) + 1, 2)
 
 
-def _make_epoch(model: nn.Module, tx: optax.GradientTransformation, cfg: TrainConfig, steps: int):
-    """Jitted ``(params, opt_state, images, labels, key) -> (params, opt_state, mean loss)``."""
+def build_model(model_name: str, num_classes: int, cfg: TrainConfig = TrainConfig(), input_shape=None) -> nn.Module:
+    """The module ``cfg`` trains: ``get_model(model_name, num_classes)``, with RSE / PNI noise layers when
+    ``cfg`` asks for them (:func:`rnd_jax.noisy.noisy_model`; ``ValueError`` for unknown layers). Shapes only."""
+    model = get_model(model_name, num_classes=num_classes)
+    if not (cfg.rse_init or cfg.rse_inner or cfg.pni):
+        return model
+    shape = tuple(input_shape) if input_shape is not None else INPUT_SHAPES[model_name]
+    return noisy_model(model, shape, rse_init=cfg.rse_init, rse_inner=cfg.rse_inner, rse_layers=cfg.rse_layers,
+                       pni=cfg.pni, pni_init=cfg.pni_init, pni_channelwise=cfg.pni_channelwise,
+                       model_name=model_name)
+
+
+def _ce(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def pgd_attack(logits_fn, x, y, key, eps, steps: int, step_size, random_start: bool = True):
+    """l_inf PGD on the cross-entropy (Madry et al. 2018): ``steps`` signed-gradient ascent steps of size
+    ``step_size`` from a uniform point of the eps-ball (or from ``x``), each projected onto the ball around ``x``
+    and onto [0, 1]. ``logits_fn(x_adv, i) -> logits`` (``i`` the step, for a fresh noise draw per step in a
+    randomized model). Returns ``x_adv`` without gradient. Used inside the jitted training epoch."""
+    if random_start:
+        x0 = jnp.clip(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
+    else:
+        x0 = x
+
+    def step(i, xa):
+        g = jax.grad(lambda z: _ce(logits_fn(z, i), y).sum())(xa)
+        xa = xa + step_size * jnp.sign(g)
+        return jnp.clip(jnp.clip(xa, x - eps, x + eps), 0.0, 1.0)
+
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, step, x0))
+
+
+def gf_loss(logits_fn, x, y, key, noise, samples: int):
+    """RND-GF's loss, ``mean_i -log((1/M) sum_m F(x_i + delta_m)_{y_i})``, ``delta_m ~ N(0, noise^2 I)`` (not
+    clipped), M = ``samples``; draw ``m`` is ``noise * normal(fold_in(key, m), x.shape)``. Computed as
+    ``log M - logsumexp_m log_softmax(...)_y``, finite wherever the logits are (no log of a probability that
+    underflowed to 0). ``logits_fn(x, m) -> logits``."""
+    def one(m):
+        delta = noise * jax.random.normal(jax.random.fold_in(key, m), x.shape, x.dtype)
+        logp = jax.nn.log_softmax(logits_fn(x + delta, m), axis=-1)
+        return jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+    logp_y = jax.vmap(one)(jnp.arange(samples))  # [M, B]
+    return jnp.mean(jnp.log(jnp.asarray(samples, logp_y.dtype)) - jax.scipy.special.logsumexp(logp_y, axis=0))
+
+
+def _training_loss(model: nn.Module, cfg: TrainConfig):
+    """``loss(params, x, y, key)`` of one minibatch, with every training-time defense of ``cfg``."""
+    step_size = cfg.adv_step_size or 2.5 * cfg.adv_eps / cfg.adv_steps
+
+    def logits(params, x, k_drop, k_noise, train=True):
+        return model.apply({"params": params}, x, train=train, rngs={"dropout": k_drop, NOISE_RNG: k_noise})
 
     def loss_fn(params, x, y, key):
-        k_aug, k_drop, k_logit = jax.random.split(key, 3)
+        k_aug, k_drop, k_logit, k_noise, k_adv, k_gf = jax.random.split(key, 6)
         if cfg.augment_noise > 0:
             x = x + cfg.augment_noise * jax.random.normal(k_aug, x.shape, x.dtype)
             if cfg.augment_clip:
                 x = jnp.clip(x, 0.0, 1.0)
-        logits = model.apply({"params": params}, x, train=True, rngs={"dropout": k_drop})
-        if cfg.logit_noise > 0:
-            logits = logits + cfg.logit_noise * jax.random.normal(k_logit, logits.shape, logits.dtype)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        def ce(xx, k):
+            if cfg.gf_noise > 0:
+                return gf_loss(lambda z, m: logits(params, z, jax.random.fold_in(k_drop, m), jax.random.fold_in(k, m)),
+                               xx, y, k_gf, cfg.gf_noise, cfg.gf_samples)
+            out = logits(params, xx, k_drop, k)
+            if cfg.logit_noise > 0:
+                out = out + cfg.logit_noise * jax.random.normal(k_logit, out.shape, out.dtype)
+            return _ce(out, y).mean()
+
+        if cfg.adv_eps <= 0:
+            return ce(x, k_noise)
+        k_start, k_attack = jax.random.split(k_adv)
+        x_adv = pgd_attack(lambda z, i: logits(jax.lax.stop_gradient(params), z, k_drop,
+                                               jax.random.fold_in(k_attack, i), train=False),
+                           x, y, k_start, cfg.adv_eps, cfg.adv_steps, step_size, cfg.adv_random_start)
+        adv = ce(x_adv, jax.random.fold_in(k_noise, 1))
+        if cfg.adv_weight == 1:
+            return adv
+        return (1 - cfg.adv_weight) * ce(x, k_noise) + cfg.adv_weight * adv
+
+    return loss_fn
+
+
+def _make_epoch(model: nn.Module, tx: optax.GradientTransformation, cfg: TrainConfig, steps: int):
+    """Jitted ``(params, opt_state, images, labels, key) -> (params, opt_state, mean loss)``."""
+    loss_fn = _training_loss(model, cfg)
 
     @jax.jit
     def epoch(params, opt_state, images, labels, key):
@@ -191,8 +380,10 @@ def _make_epoch(model: nn.Module, tx: optax.GradientTransformation, cfg: TrainCo
     return epoch
 
 
-def _fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, progress: bool, desc: str):
-    """Train ``model`` from scratch on arrays; returns params (a pytree of ``jax.Array``)."""
+def _fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, progress: bool, desc: str,
+         init_params=None):
+    """Train ``model`` on arrays, from scratch or from ``init_params`` (entries the model lacks are ignored, those
+    it has beyond them keep their initial value); returns params (a pytree of ``jax.Array``)."""
     n = int(images.shape[0])
     if n != labels.shape[0]:
         raise ValueError(f"{n} images but {labels.shape[0]} labels")
@@ -201,8 +392,14 @@ def _fit(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainCon
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training examples")
     init_key, data_key = jax.random.split(jax.random.key(cfg.seed))
     params = model.init(init_key, jnp.zeros((1, *images.shape[1:]), jnp.float32))["params"]
+    if init_params is not None:
+        params = {**params, **{k: v for k, v in init_params.items() if k in params}}
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps=cfg.epochs * steps)
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    # PNI's noise scales get no weight decay (it would only pull the noise towards zero).
+    decay = None
+    if any(k.startswith("pni_") for k in params):
+        decay = {k: jax.tree.map(lambda _, k=k: not k.startswith("pni_"), v) for k, v in params.items()}
+    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay)
     opt_state = tx.init(params)
     epoch = _make_epoch(model, tx, cfg, steps)
     x = jnp.asarray(images, jnp.float32)
@@ -230,14 +427,19 @@ def train(
 
     The model is ``get_model(model_name, num_classes)`` with ``num_classes`` = largest
     training label + 1.  Returns the ``params`` pytree (``jax.Array`` leaves) for
-    ``model.apply({"params": params}, x)``.  ``progress`` shows a tqdm bar (per epoch,
-    with the mean training loss) on stderr.  Deterministic given ``cfg``; no caching
-    (see :func:`load_or_train`).
+    ``model.apply({"params": params}, x)`` (``model`` = :func:`build_model`'s).  ``progress`` shows a tqdm bar
+    (per epoch, with the mean training loss) on stderr.  Deterministic given ``cfg``; no caching
+    (see :func:`load_or_train`; with ``finetune`` the clean model is trained here first).
     """
     _check_fits(model_name, dataset)
+    build_model(model_name, data.info(dataset).num_classes, cfg)  # noise layers validated before any data is read
     images, labels = data.load(dataset, "train", data_dir=data_dir)
-    model = get_model(model_name, num_classes=_num_classes(labels))
-    return _fit(model, images, labels, cfg, progress, desc=f"{model_name}/{dataset}")
+    model = build_model(model_name, _num_classes(labels), cfg, images.shape[1:])
+    init = None
+    if cfg.finetune:
+        init = _fit(get_model(model_name, num_classes=_num_classes(labels)), images, labels, cfg.clean(), progress,
+                    desc=f"{model_name}/{dataset} (clean)")
+    return _fit(model, images, labels, cfg, progress, desc=f"{model_name}/{dataset}", init_params=init)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -284,11 +486,13 @@ def default_cache_dir() -> Path:
 
 def cache_key(model_name: str, dataset: str, cfg: TrainConfig) -> str:
     """Hex sha256 identifying the trained model for ``(model_name, dataset, cfg)``."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k in _ORIGINAL_FIELDS or v != _DEFENSE_DEFAULTS[k]}
     payload = {
         "cache_version": CACHE_VERSION,
         "model": model_name,
         "dataset": dataset,
-        "config": dataclasses.asdict(cfg),
+        "config": config,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -311,7 +515,7 @@ def _load(path: Path):
     import orbax.checkpoint as ocp
 
     meta = json.loads((path / "meta.json").read_text())
-    model = get_model(meta["model"], num_classes=meta["num_classes"])
+    model = build_model(meta["model"], meta["num_classes"], TrainConfig(**meta["config"]), meta["input_shape"])
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
                           _abstract_params(model, meta["input_shape"]))
@@ -356,23 +560,28 @@ def load_or_train(
     accuracy is measured, and the entry is written atomically (see module docstring).
     Either way one line goes to stderr: ``trained ...`` or ``loaded from cache <path>`` (and with
     ``progress`` a ``training ...`` line and a per-epoch bar before training). A model not built
-    for the dataset's images raises ``ValueError`` before anything is read or trained.
-    ``cache_dir`` defaults to :func:`default_cache_dir`; the entry is
-    :func:`cache_path`.
+    for the dataset's images raises ``ValueError`` before anything is read or trained. With ``cfg.finetune`` the
+    clean model (``cfg.clean()``) is loaded, or trained and cached, first. ``model`` is :func:`build_model`'s (with
+    the noise layers of RSE / PNI configs); the test accuracy stored in ``meta.json`` is that of the model
+    without noise. ``cache_dir`` defaults to :func:`default_cache_dir`; the entry is :func:`cache_path`.
     """
     _check_fits(model_name, dataset)
+    build_model(model_name, data.info(dataset).num_classes, cfg)  # noise layers validated before any data is read
     path = cache_path(model_name, dataset, cfg, cache_dir)
     if (path / "meta.json").exists():
         model, params = _load(path)
         _log(f"loaded from cache {path}")
         return model, params
 
+    init = None
+    if cfg.finetune:
+        _, init = load_or_train(model_name, dataset, cfg.clean(), cache_dir, data_dir, progress)
     images, labels = data.load(dataset, "train", data_dir=data_dir)
-    model = get_model(model_name, num_classes=_num_classes(labels))
+    model = build_model(model_name, _num_classes(labels), cfg, images.shape[1:])
     if progress:
         _log(f"training {model_name} on {dataset} ({cfg.epochs} epochs; cached as {path})")
     t0 = time.perf_counter()
-    params = _fit(model, images, labels, cfg, progress, desc=f"{model_name}/{dataset}")
+    params = _fit(model, images, labels, cfg, progress, desc=f"{model_name}/{dataset}", init_params=init)
     seconds = time.perf_counter() - t0
     test_images, test_labels = data.load(dataset, "test", data_dir=data_dir)
     test_acc = accuracy(model, params, test_images, test_labels)
@@ -407,3 +616,58 @@ def load_or_train(
     _save(path, params, meta)
     _log(f"trained {model_name} on {dataset} in {seconds:.1f}s, test accuracy {test_acc:.4f}; saved {path}")
     return model, params
+
+
+FEATURE_STD = "feature_std.npz"
+
+
+def feature_std(model_name: str, dataset: str, cfg: TrainConfig = TrainConfig(), cache_dir=None, data_dir=None,
+                batch_size: int = 256, progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-feature std over the training split of every marked activation of the cached model, ``{mark:
+    f32[*feature shape]}``: the scale of the randomized feature defense's official code, whose noise at a layer
+    is ``nu * std * N(0, I)`` with ``std`` the per-element std of that layer's features on training data
+    (:func:`rnd_jax.defenses.feature_noise`, ``scale="std"``). Population std (``ddof = 0``), accumulated in
+    float64 over chunks of ``batch_size`` images of the model without noise. Computed once and stored in the
+    cache entry (``feature_std.npz``, written atomically); later calls read it. The model is loaded or trained
+    with :func:`load_or_train`."""
+    model, params = load_or_train(model_name, dataset, cfg, cache_dir, data_dir, progress)
+    path = cache_path(model_name, dataset, cfg, cache_dir) / FEATURE_STD
+    if path.exists():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    images, _ = data.load(dataset, "train", data_dir=data_dir)
+    stats = _feature_std(model, params, images, batch_size)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **stats)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return stats
+
+
+@partial(jax.jit, static_argnums=0)
+def _marked(model: nn.Module, params, x: jax.Array) -> dict:
+    from rnd_jax.noisy import marked_values
+
+    return marked_values(model, params, x)
+
+
+def _feature_std(model, params, images, batch_size: int) -> dict[str, np.ndarray]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    images = np.asarray(images, np.float32)
+    n = images.shape[0]
+    if n < 1:
+        raise ValueError("feature_std needs at least one image")
+    sums, squares = {}, {}
+    for start in range(0, n, batch_size):
+        chunk = images[start:start + batch_size]
+        for k, v in _marked(model, params, chunk).items():
+            v = np.asarray(v, np.float64)
+            sums[k] = sums.get(k, 0.0) + v.sum(axis=0)
+            squares[k] = squares.get(k, 0.0) + (v * v).sum(axis=0)
+    return {k: np.sqrt(np.maximum(squares[k] / n - (sums[k] / n) ** 2, 0.0)).astype(np.float32) for k in sums}
