@@ -37,8 +37,12 @@ A grid whose attacks are not all registered fails at once, naming them; ``--skip
 rest and the table says which attacks are missing. ``--render-only`` lays out whatever cells are
 already in ``--out`` without running anything. Outputs under ``--out`` (default
 ``runs/tables/<grid>[-smoke|-full]``): the sweep's ``results.jsonl`` / ``sweep.json`` /
-``timing.jsonl`` (or in ``--results``, a sweep folder shared with another table), and ``table.md``
-(printed too), ``table.csv`` (one row per cell) and ``table.png`` (the first metric over the columns).
+``timing.jsonl``, ``log.jsonl`` and ``artifacts/<cell id>.npz`` (or in ``--results``, a sweep folder shared
+with another table; ``--no-artifacts`` skips the arrays; ``--chunk K`` snapshots long cells every K steps
+so a killed run resumes inside them), and ``table.md`` (printed too), ``table.csv`` (one row per cell),
+``table.png`` (the first metric over the columns), ``asr_vs_queries.png`` (success vs queries, one panel
+per attack) and ``median_queries.png`` (median queries of the successes vs the noise level).
+``python -m experiments.replay --results <folder> --cell <id> --image <i>`` replays one image of a cell.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.common import cli  # noqa: E402
-from experiments.sweep import size_of  # noqa: E402
-from rnd_jax import compile_cache  # noqa: E402
+from experiments.sweep import add_keep_args, keep_options, size_of  # noqa: E402
+from rnd_jax import compile_cache, plots  # noqa: E402
 from rnd_jax import grids as builtin  # noqa: E402
 from rnd_jax import sweep  # noqa: E402
 from rnd_jax.evaluate import SUCCESS_KINDS  # noqa: E402
@@ -83,6 +87,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-progress", action="store_true")
+    add_keep_args(p)
     return p
 
 
@@ -306,8 +311,11 @@ def main(argv=None) -> str:
         done = sweep.read_results(results / sweep.RESULTS)
         records = [done.get(c.id) for c in cells]
     else:
-        records = sweep.run_sweep(grid, results, size=size, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                                  progress=not args.no_progress, sweeper=runner)
+        try:
+            records = sweep.run_sweep(grid, results, size=size, cache_dir=args.cache_dir, data_dir=args.data_dir,
+                                      progress=not args.no_progress, sweeper=runner, **keep_options(args))
+        except sweep.OptionError as e:
+            parser.error(str(e))
     pending = sum(r is None for r in records)
     md, (cols, rows), pdata = render(resolved, records, command, missing, pending)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +323,11 @@ def main(argv=None) -> str:
     write_csv(out / "table.csv", cols, rows)
     spec = resolved.get("table", {})
     plot(out / "table.png", pdata, f"{spec.get('mirrors', name)} ({name})", spec.get("col_name", ""))
+    done = [r for r in records if r is not None]
+    if done:
+        title = f"{spec.get('mirrors', name)} ({name})"
+        plots.asr_vs_queries(done, out / "asr_vs_queries.png", title)
+        plots.median_queries_vs_level(done, out / "median_queries.png", title)
     print(md)
     return md
 

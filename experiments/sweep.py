@@ -59,7 +59,7 @@ import sys
 from pathlib import Path
 
 from experiments.common import cli
-from rnd_jax import compile_cache
+from rnd_jax import compile_cache, metric_log
 from rnd_jax import grids as builtin
 from rnd_jax import sweep
 
@@ -80,12 +80,31 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default $RND_JAX_CACHE or ~/.cache/rnd_jax)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for mnist/fashion_mnist/cifar10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_keep_args(p)
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (TPU pod slice, SLURM, or the flags below)")
     p.add_argument("--coordinator-address", default=None, help="host:port of process 0 (with --distributed)")
     p.add_argument("--num-processes", type=int, default=None, help="number of processes (with --distributed)")
     p.add_argument("--process-id", type=int, default=None, help="this process's index (with --distributed)")
     return p
+
+
+def add_keep_args(p) -> None:
+    """What a run keeps besides its results: artifacts, snapshots inside long cells, the metric log."""
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="do not write each cell's arrays (x_adv, traces, scores) to artifacts/<cell id>.npz")
+    p.add_argument("--chunk", type=int, default=None, metavar="K",
+                   help="run each cell K attack steps at a time and snapshot its carry after each piece "
+                        "(snapshots/<cell id>.npz), so a killed run resumes inside the cell; default: one program "
+                        "per cell, no snapshots")
+    p.add_argument("--log", default="jsonl", choices=metric_log.WRITERS,
+                   help="metric log: each cell's metrics (and, with --chunk, each piece's progress) to log.jsonl "
+                        "or TensorBoard event files (needs tensorboardX: rnd_jax[tensorboard])")
+
+
+def keep_options(args) -> dict:
+    """The :func:`rnd_jax.sweep.run_sweep` options of :func:`add_keep_args` (checked there)."""
+    return {"keep_artifacts": not args.no_artifacts, "chunk": args.chunk, "metrics": args.log}
 
 
 def size_of(args) -> str:
@@ -155,8 +174,11 @@ def main(argv=None) -> list[dict]:
             print(c.id, c.label, c.spec)
         return []
     out = Path(args.out) if args.out else default_out(grid, size)
-    records = sweep.run_sweep(grid, out, size=size, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                              progress=not args.no_progress, sweeper=runner)
+    try:
+        records = sweep.run_sweep(grid, out, size=size, cache_dir=args.cache_dir, data_dir=args.data_dir,
+                                  progress=not args.no_progress, sweeper=runner, **keep_options(args))
+    except sweep.OptionError as e:
+        parser.error(str(e))
     print(summary(records))
     return records
 

@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from rnd_jax.attacks.driver import STOP_RULES, Attack, Result, StopRule, run, run_one, validate
+from rnd_jax.attacks.driver import (STOP_RULES, Attack, Result, StopRule, advance, finish, going, run, run_one, start,
+                                    validate)
 from rnd_jax import pytree
 from rnd_jax.defenses import Scorer
 from rnd_jax.oracle import Oracle, query_keys
@@ -213,9 +214,63 @@ def make_runner(attack: Attack, oracle: Oracle, clean: Scorer, protocol: Protoco
 def _runner(attack, oracle, clean, protocol, rule, x0, labels, targets, ka, kd, kc):
     res: Result = run(attack, oracle, x0, labels, targets, ka, kd, protocol.budget, stop=protocol.stop,
                       check_keys=kc, clean=clean, rule=rule)
+    return _judged(attack, oracle, clean, protocol, res, labels, targets, kc)
+
+
+def _judged(attack, oracle, clean, protocol, res, labels, targets, kc):
     votes = check_success(oracle.scorer, res.x_adv, labels, targets, kc, attack.targeted, protocol.check_queries)
     clean_pred = jnp.argmax(clean(res.x_adv, None), -1)
     return res, votes, clean_pred
+
+
+class Chunked(NamedTuple):
+    """A :func:`make_runner` runner cut into pieces, so a long cell can stop and resume between steps.
+
+    Each piece is a pytree like the runner (compile each with ``pytree.jit``):
+
+    - ``start(x0, labels, targets, ka) -> carry`` (the driver's :class:`~rnd_jax.attacks.driver.Carry`,
+      batched over images);
+    - ``advance(carry, kd, kc) -> carry``: every image at most ``steps`` more steps;
+    - ``going(carry) -> bool[n]``: the images that would take another step (none: the run is over);
+    - ``end(carry, labels, targets, kc) -> (Result, votes, clean_pred)``, as the runner.
+
+    ``start``, then ``advance`` until no image is ``going``, then ``end`` gives exactly the runner's
+    output (the driver's N-then-M-steps property): a carry saved between two ``advance`` calls (see
+    :mod:`rnd_jax.artifacts`) resumes the run bit for bit.
+    """
+
+    start: Any
+    advance: Any
+    going: Any
+    end: Any
+
+
+def make_chunked_runner(attack: Attack, oracle: Oracle, clean: Scorer, protocol: Protocol, steps: int) -> Chunked:
+    """:func:`make_runner`'s run in pieces of at most ``steps`` attack steps per image (:class:`Chunked`)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= 2**31 - 1:
+        raise ValueError(f"chunk steps must be an int in 1..2**31-1, got {steps!r}")
+    return Chunked(Partial(_chunk_start, attack, protocol), Partial(_chunk_advance, attack, oracle, clean, protocol,
+                                                                    int(steps)),
+                   Partial(_chunk_going, attack, protocol), Partial(_chunk_end, attack, oracle, clean, protocol))
+
+
+def _chunk_start(attack, protocol, x0, labels, targets, ka):
+    return jax.vmap(lambda x, y, t, k: start(attack, k, x, y, t, protocol.budget))(x0, labels, targets, ka)
+
+
+def _chunk_advance(attack, oracle, clean, protocol, steps, carry, kd, kc):
+    fn = lambda c, d, k: advance(attack, oracle, c, d, protocol.budget, max_steps=steps, stop=protocol.stop,
+                                 check_key=k, clean=clean)
+    return jax.vmap(fn)(carry, kd, kc)
+
+
+def _chunk_going(attack, protocol, carry):
+    return jax.vmap(lambda c: going(attack, c, protocol.budget))(carry)
+
+
+def _chunk_end(attack, oracle, clean, protocol, carry, labels, targets, kc):
+    res = jax.vmap(lambda c: finish(c, attack, protocol.stop))(carry)
+    return _judged(attack, oracle, clean, protocol, res, labels, targets, kc)
 
 
 def defended_accuracy(defended: Scorer, images, labels, key, draws: int, clean_pred=None):

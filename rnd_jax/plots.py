@@ -48,3 +48,89 @@ def asr_vs_level(rows, path, level_key: str = "sigma", title: str = "", level_la
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def success_curve(queries, success, budget: int, points: int = 200):
+    """(q, share of images that succeeded within q queries) for q on ``points`` steps of ``0..budget``:
+    an image counts from the queries at which its run ended successfully (its stop), so the curve at
+    ``budget`` is the success rate."""
+    import numpy as np
+
+    queries, success = np.asarray(queries), np.asarray(success, bool)
+    qs = np.unique(np.linspace(0, max(int(budget), 1), points).round().astype(np.int64))
+    if not len(queries):
+        return qs, np.full(len(qs), np.nan)
+    return qs, ((queries[None, :] <= qs[:, None]) & success[None, :]).mean(1)
+
+
+def _split_label(label: str) -> tuple[str, str]:
+    attack, _, defense = label.partition(" vs ")
+    return attack, defense or label
+
+
+def asr_vs_queries(records, path, title: str = "", kind: str = "success", max_panels: int = 12) -> None:
+    """ASR vs queries, one panel per attack, one line per defense (level): from each record's per-image
+    queries and success flags (``kind``: ``success`` = asr, ``success_stop``, ``success_lucky``, ...)."""
+    records = [r for r in records if r is not None]
+    panels: dict[str, list] = {}
+    for r in records:
+        attack, _ = _split_label(r["label"])
+        panels.setdefault(attack, []).append(r)
+    names = list(panels)[:max_panels]
+    cols = min(3, max(1, len(names)))
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        for r in panels[name]:
+            im = r["images"]
+            qs, y = success_curve(im["queries"], im.get(kind, im.get("success", [])), r["cell"]["budget"])
+            ax.plot(qs, 100 * y, label=_split_label(r["label"])[1])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("queries")
+        ax.set_ylabel(f"{'asr' + kind[7:]} (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        if len(panels[name]) <= 10:
+            ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def median_queries_vs_level(records, path, title: str = "", kind: str = "success") -> None:
+    """Median queries of the successful images vs the defense's noise level, one line per (attack, defense
+    family); cells without a numeric level (no defense: level 0) are placed at level 0."""
+    import numpy as np
+
+    lines: dict[tuple[str, str], list] = {}
+    for r in records:
+        if r is None:
+            continue
+        attack, _ = _split_label(r["label"])
+        family = r["cell"]["defense"]["name"]
+        level = r.get("level")
+        level = 0.0 if level is None or family == "none" else float(level)
+        im = r["images"]
+        q, ok = np.asarray(im["queries"]), np.asarray(im.get(kind, im.get("success", [])), bool)
+        lines.setdefault((attack, family), []).append((level, float(np.median(q[ok])) if ok.any() else np.nan))
+    levels = sorted({lv for pts in lines.values() for lv, _ in pts})
+    xs = {lv: i for i, lv in enumerate(levels)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(levels) + 3), 4))
+    for (attack, family), pts in lines.items():
+        pts = sorted(pts)
+        ax.plot([xs[lv] for lv, _ in pts], [m for _, m in pts], "o-", label=f"{attack} / {family}")
+    ax.set_xticks(range(len(levels)), [_fmt_level(v) for v in levels], fontsize=8)
+    ax.set_xlabel("noise level")
+    ax.set_ylabel("median queries (successes)")
+    ax.grid(alpha=0.3)
+    if 0 < len(lines) <= 12:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -131,6 +131,9 @@ class Carry(NamedTuple):
     queries: jax.Array  # i32: budgeted oracle points spent
     trace_queries: jax.Array  # i32[T]: queries spent before each recorded step (-1 = unused)
     trace_loss: jax.Array  # f32[T]: the attack's loss at each recorded step (NaN = unused)
+    trace_claimed: jax.Array  # bool[T]: the attack's own verdict after each recorded step
+    trace_l2: jax.Array  # f32[T]: ||x - x0||_2 of the attack's point after each recorded step (NaN = unused)
+    trace_linf: jax.Array  # f32[T]: ||x - x0||_inf of that point (NaN = unused)
     x0: jax.Array  # the original image
     label: jax.Array  # i32
     target: jax.Array  # i32 (-1 when untargeted)
@@ -155,6 +158,9 @@ class Result(NamedTuple):
     check_queries: jax.Array  # i32: the stop rule's check queries
     claims: jax.Array  # i32: steps that ended with the attack claiming success
     invalid: Any = None  # bool: stopped on a non-finite answer (then success and lucky are False); None: unknown
+    trace_claimed: Any = None  # bool[T]: the attack's own verdict after each recorded step (None: not recorded)
+    trace_l2: Any = None  # f32[T]: ||x - x0||_2 after each recorded step
+    trace_linf: Any = None  # f32[T]: ||x - x0||_inf after each recorded step
 
 
 def trace_stride(budget: int, cost: int, trace_len: int) -> tuple[int, int]:
@@ -254,6 +260,9 @@ def start(attack: Attack, key, x0, label, target, budget: int, trace_len: int = 
         queries=zero,
         trace_queries=jnp.full((slots,), -1, jnp.int32),
         trace_loss=jnp.full((slots,), jnp.nan, jnp.float32),
+        trace_claimed=jnp.zeros((slots,), bool),
+        trace_l2=jnp.full((slots,), jnp.nan, jnp.float32),
+        trace_linf=jnp.full((slots,), jnp.nan, jnp.float32),
         x0=jnp.asarray(x0, jnp.float32),
         label=jnp.asarray(label, jnp.int32),
         target=jnp.asarray(-1 if target is None else target, jnp.int32),
@@ -381,9 +390,7 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
     stop_at = None if max_steps is None else carry.state.step + max_steps
 
     def cond(c: Carry):
-        go = jnp.logical_not(c.state.done | c.invalid) & (c.queries + attack.cost <= budget)
-        if hasattr(c.state, "failed"):
-            go = go & jnp.logical_not(c.state.failed)
+        go = going(attack, c, budget)
         if stop_at is not None:
             go = go & (c.state.step < stop_at)
         return go
@@ -407,11 +414,26 @@ def advance(attack: Attack, oracle: Oracle, carry: Carry, defense_key, budget: i
         record = (s % stride) == 0
         tq = jnp.where(record, c.trace_queries.at[slot].set(c.queries), c.trace_queries)
         tl = jnp.where(record, c.trace_loss.at[slot].set(jnp.asarray(info.loss, jnp.float32)), c.trace_loss)
-        return c._replace(state=state, queries=queries, trace_queries=tq, trace_loss=tl, claimed=claimed & ~invalid,
+        d = (jnp.asarray(state.x, jnp.float32) - c.x0).ravel()
+        tc = jnp.where(record, c.trace_claimed.at[slot].set(claimed & ~invalid), c.trace_claimed)
+        t2 = jnp.where(record, c.trace_l2.at[slot].set(jnp.sqrt(jnp.sum(d * d))), c.trace_l2)
+        ti = jnp.where(record, c.trace_linf.at[slot].set(jnp.max(jnp.abs(d))), c.trace_linf)
+        return c._replace(state=state, queries=queries, trace_queries=tq, trace_loss=tl, trace_claimed=tc,
+                          trace_l2=t2, trace_linf=ti, claimed=claimed & ~invalid,
                           rejected=rejected, claims=c.claims + claimed.astype(jnp.int32), check_queries=n_checks,
                           invalid=invalid)
 
     return live_while(cond, body, carry)
+
+
+def going(attack: Attack, carry: Carry, budget: int):
+    """Whether the image of ``carry`` takes another step (bool; per image under ``vmap``): the attack has
+    not ended (succeeded under the stop rule, failed, or seen a non-finite answer) and one more step fits
+    the budget. A chunked run (:func:`advance` with ``max_steps``) is over when no image is going."""
+    go = jnp.logical_not(carry.state.done | carry.invalid) & (carry.queries + attack.cost <= budget)
+    if hasattr(carry.state, "failed"):
+        go = go & jnp.logical_not(carry.state.failed)
+    return go
 
 
 def _spent(attack: Attack, used: int, info):
@@ -432,7 +454,7 @@ def finish(carry: Carry, attack: Attack | None = None, stop: StopRule = SINGLE) 
     loss_q = carry.queries - checks * s.step - (carry.check_queries if stop.count else 0)
     return Result(s.x, carry.claimed, carry.queries, s.step, carry.trace_queries, carry.trace_loss,
                   jnp.asarray(s.done, bool) & ~carry.invalid, loss_q.astype(jnp.int32), carry.check_queries,
-                  carry.claims, carry.invalid)
+                  carry.claims, carry.invalid, carry.trace_claimed, carry.trace_l2, carry.trace_linf)
 
 
 def run_one(attack: Attack, oracle: Oracle, x0, label, target, attack_key, defense_key,
