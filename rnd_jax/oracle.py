@@ -4,7 +4,11 @@ An :class:`Oracle` pairs a (possibly defended) scorer with an output type:
 
 - ``"scores"``: the full probability vector ``f32[B, K]`` (soft-label attacks: NES, ZOO, ...);
 - ``"top1"``: only the top-1 class and its score, a :class:`Top1` (partial-information attacks);
-- ``"label"``: only the top-1 class ``i32[B]`` (hard-label / decision-based attacks).
+- ``"label"``: only the top-1 class ``i32[B]`` (hard-label / decision-based attacks);
+- ``"gradient"``: white-box access, a :class:`Gradient`: the probabilities ``f32[B, K]`` and the
+  pullback (vector-Jacobian product) of the defended scorer at the ``B`` points, with the noise of
+  those very queries (white-box attacks: PGD, C&W; :func:`loss_gradient` turns it into the gradient
+  of a loss of the probabilities).
 
 It owns the defender's randomness: point number ``q`` of an attack (queries are numbered from 0 in
 the order the attack asks them, one point = one query) is answered with noise from the key
@@ -21,6 +25,19 @@ reduced to a label): the driver watches a step (:func:`watch`) and stops an imag
 were not all finite. The flag travels out of the loops an attack builds with :func:`live_while`
 and :func:`live_cond`; answers asked inside a bare ``lax`` loop (or a ``vmap`` inside a step) are
 not seen by the watcher, so attacks build their query loops with those two.
+
+**Gradient queries.** A ``"gradient"`` oracle answers point ``q`` with the defended scorer evaluated
+with key ``fold_in(defense_key, q)``, as every other output type does, and differentiates that very
+evaluation: ``Gradient.probs`` are the noisy probabilities and ``Gradient.pullback(v)`` (``v: f[B, K]``)
+is ``sum_k v[i, k] d probs[i, k] / d x[i]`` for each point ``i`` (a point's answer depends only on its
+own input and key). One point = one query, whatever the attack does with the pullback (it may apply it
+to several losses: it is the same draw of the defender's noise). :func:`loss_gradient` gives
+``(loss[B], d loss[i] / d x[i])`` for a loss ``f(probs[B, K]) -> f32[B]``. Its gradient is checked for
+non-finite values like the probabilities. The scorer is differentiated outside the driver's
+live-point predicates (:func:`outside_loops`), so a compacted scorer (:mod:`rnd_jax.compact`, whose
+``custom_vmap`` has no reverse-mode rule) is evaluated as its wrapped scorer there: on every point of
+the batch, not only the live ones. A scorer that cannot be differentiated (a host callback such as
+:mod:`rnd_jax.foreign`; JPEG's rounding has a zero gradient) cannot answer gradient queries.
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +54,7 @@ from jax._src import core as _core
 
 from rnd_jax.defenses import Scorer
 
-OUTPUTS = ("scores", "top1", "label")
+OUTPUTS = ("scores", "top1", "label", "gradient")
 
 
 class Top1(NamedTuple):
@@ -45,6 +62,32 @@ class Top1(NamedTuple):
 
     label: jax.Array  # i32[B]
     score: jax.Array  # f32[B]
+
+
+class Gradient(NamedTuple):
+    """A white-box answer: the (possibly noisy) probabilities and the pullback of the scorer at the points."""
+
+    probs: jax.Array  # f32[B, K]
+    pullback: Any  # v: f32[B, K] -> f32[B, H, W, C], the vector-Jacobian product of this answer
+
+
+def loss_gradient(answer: Gradient, loss):
+    """``(loss(probs) f32[B], d loss[i] / d x[i] f32[B, H, W, C])`` of a :class:`Gradient` answer.
+
+    ``loss(probs[B, K]) -> f32[B]`` is a per-point loss (e.g. ``lambda p: losses.margin(p, y)``); the
+    gradient goes through the defended scorer with the noise of the query's own key. A non-finite
+    gradient is reported to the innermost :func:`watch` (it ends the image, as a non-finite answer does).
+    """
+    if not isinstance(answer, Gradient):
+        raise ValueError(f"loss_gradient needs a Gradient answer (a 'gradient' oracle's), got {type(answer).__name__}")
+    value, dloss = jax.vjp(loss, answer.probs)
+    if jnp.shape(value) != jnp.shape(answer.probs)[:1]:
+        raise ValueError(f"the loss must map probabilities f[B, K] to one value per point f[B]; got shape "
+                         f"{jnp.shape(value)} for B = {jnp.shape(answer.probs)[0]}")
+    (v,) = dloss(jnp.ones_like(value))
+    grad = answer.pullback(v)
+    _report(~jnp.all(jnp.isfinite(grad)))
+    return value, grad
 
 
 def query_keys(defense_key, first_query, n: int):
@@ -77,7 +120,9 @@ class Oracle:
             raise ValueError(f"Oracle.num_classes must be an int >= 2 or None, got {k!r}")
 
     def answer(self, probs):
-        """Reduce probabilities ``f32[B, K]`` to this oracle's output type."""
+        """Reduce probabilities ``f32[B, K]`` to this oracle's output type (not ``"gradient"``: :meth:`query`)."""
+        if self.output == "gradient":
+            raise ValueError("a 'gradient' answer needs the points, not only their probabilities: use query()")
         if self.output == "scores":
             return probs
         label = jnp.argmax(probs, axis=-1).astype(jnp.int32)
@@ -95,10 +140,24 @@ class Oracle:
 
     def _ask(self, defense_key, first_query, x):
         """(answer, number of classes K) of :meth:`query`."""
-        probs = self.scorer(x, query_keys(defense_key, first_query, x.shape[0]))
+        keys = query_keys(defense_key, first_query, x.shape[0])
+        if self.output == "gradient":
+            return self._differentiate(x, keys)
+        probs = self.scorer(x, keys)
         k = check_scores(probs, x.shape[0], self.num_classes, "the oracle's scorer")
         _report(~jnp.all(jnp.isfinite(probs)))
         return self.answer(probs), k
+
+    def _differentiate(self, x, keys):
+        """(:class:`Gradient` answer, K): the scorer and its pullback at ``x`` with the query keys ``keys``."""
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"gradient queries need floating-point points, got dtype {x.dtype}")
+        with outside_loops():  # differentiable path of a compacted scorer (module docstring)
+            probs, pullback = jax.vjp(lambda z: self.scorer(z, keys), x)
+        k = check_scores(probs, x.shape[0], self.num_classes, "the oracle's scorer")
+        _report(~jnp.all(jnp.isfinite(probs)))
+        return Gradient(probs, lambda v: pullback(jnp.asarray(v, probs.dtype))[0]), k
 
     def bind(self, defense_key, first_query, budget: int | None = None) -> "BoundOracle":
         return BoundOracle(self, defense_key, first_query, budget)
@@ -339,7 +398,9 @@ class QueryCounter:
     It is the independent witness for budget tests: run an attack under ``jax.disable_jit()``
     on one image (no ``vmap``), so every query reaches this wrapper as a concrete array, then
     compare ``count`` with the budget and with the count the driver reports. It refuses to run
-    under tracing, where a Python counter would count traces instead of queries.
+    under tracing, where a Python counter would count traces instead of queries. A gradient query
+    reaches it as a differentiation tracer of a concrete point (eager ``jax.vjp``): that is one
+    concrete evaluation, counted like any other.
     """
 
     def __init__(self, scorer: Scorer):
@@ -350,7 +411,7 @@ class QueryCounter:
     def __call__(self, x, keys):
         if isinstance(x, jax.core.Tracer) and getattr(_PROBE, "depth", 0):
             return self.scorer(x, keys)  # an abstract shape probe (class_count), not a query
-        if isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.core.Tracer) and not _core.is_concrete(x):
             raise RuntimeError("QueryCounter counts concrete queries: run under jax.disable_jit() without vmap")
         self.count += int(x.shape[0])
         self.calls += 1

@@ -4,7 +4,8 @@ A **grid** is a plain dict (a JSON file, or a built-in of :mod:`rnd_jax.grids`):
 
     {
       "name": "nes_sigma",
-      "datasets": ["digits"],                      # or {"dataset": "digits", "model": "digits_cnn", "train_seed": 0}
+      "datasets": ["digits"],                      # or {"dataset": "digits", "model": "digits_cnn", "train_seed": 0,
+                                                   #     "train": {"adv_eps": 0.1}, "label": "pgd_at"}
       "attacks": [                                 # names are looked up in the attack registry at run time
         {"name": "nes", "config": {"samples": 50}, "sweep": {"beta": [1e-3, 1e-2]}, "eot": [1, 10]},
         "square_linf"                              # a bare name = the attack with its defaults
@@ -60,7 +61,13 @@ correctly classified images, overall or of a class); before it is trained, ``n_i
 the test split and a note says so (:func:`run_sweep` trains it and checks again before any cell runs).
 The message names the entry.
 
-**Cells and keys.** A cell is the canonical JSON of (dataset, model, train_seed, attack name +
+A dataset entry's ``train`` dict trains its model with any :class:`rnd_jax.train.TrainConfig` field (but the
+seed, which is ``train_seed``): PGD-AT, RND-GF, RSE, PNI, augmentation, ...; it is validated by the config and
+the model it builds, canonical (fields at their defaults dropped), part of the cell (so of its id; cells
+without it keep their ids) and of the checkpoint's cache key. Its ``label`` (default: the non-default fields)
+is appended to the cell labels as ``[label]``. The attacks' surrogate models stay the clean ones.
+
+**Cells and keys.** A cell is the canonical JSON of (dataset, model, train_seed[, train], attack name +
 config overrides + eot M, defense name + level or calibrated drop + options, targeted, budget,
 n_images, seed, protocol constants). Its id is the first 16 hex digits of the sha256 of that JSON,
 so it does not depend on the grid a cell came from or on its position. Keys (DESIGN.md, "Keys and
@@ -136,7 +143,7 @@ from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
 from rnd_jax.calibrate import calibrate
 from rnd_jax.compact import compacted
-from rnd_jax.defenses import DEFENSES, build_defense, check_level, model_scorer
+from rnd_jax.defenses import DEFENSES, FEATURE_STD, build_defense, check_level, model_scorer, with_feature_std
 from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, defended_accuracy, image_keys, make_runner,
                               make_tapped_runner, per_image, run_tapped, select_images, successes, summarize,
                               validate_selection)
@@ -154,7 +161,7 @@ GRID_KEYS = ("name", "description", "datasets", "attacks", "defenses", "targeted
 EOT_BUDGETS = ("equal", "scaled")
 ATTACK_KEYS = ("name", "config", "sweep", "eot", "label")
 DEFENSE_KEYS = ("name", "levels", "drops", "options", "sweep", "label")
-DATASET_KEYS = ("dataset", "model", "train_seed")
+DATASET_KEYS = ("dataset", "model", "train_seed", "train", "label")
 TABLE_KEYS = ("mirrors", "title", "rows", "cols", "col_name", "values", "note")
 RESULTS = "results.jsonl"
 REJECTED = "results.rejected.jsonl"
@@ -449,12 +456,63 @@ def _datasets(grid: dict, name: str):
             models.get_model(model, ds.num_classes)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
-        out.append({"dataset": d["dataset"], "model": model, "train_seed": _int(f"{where}: train_seed",
-                                                                                 d.get("train_seed", 0), 0)})
+        seed = _int(f"{where}: train_seed", d.get("train_seed", 0), 0)
+        entry = {"dataset": d["dataset"], "model": model, "train_seed": seed}
+        entry.update(_train_entry(d, where, model, ds.num_classes, seed))
+        out.append(entry)
+    return out
+
+
+def _train_entry(d: dict, where: str, model: str, num_classes: int, seed: int) -> dict:
+    """``{"train": {...}, "model_label": ...}`` of a dataset entry with a training option (empty without one).
+
+    ``train``: any :class:`rnd_jax.train.TrainConfig` field but ``seed`` (that is ``train_seed``), validated by the
+    config and by the model it builds (noise layers); canonical: the fields at their defaults are dropped and
+    numbers take the config's types, so equal configs give equal cells. ``label``: a name for the trained model in
+    cell labels (default: the non-default fields).
+    """
+    opts = d.get("train", {})
+    if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+        raise ValueError(f"{where}: 'train' must be a dict of rnd_jax.train.TrainConfig fields, got {opts!r}")
+    fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
+    bad = sorted(set(opts) - set(fields))
+    if "seed" in opts:
+        raise ValueError(f"{where}: set the training seed with 'train_seed', not train.seed")
+    if bad:
+        raise ValueError(f"{where}: unknown training option(s) {bad}; valid: {[f for f in fields if f != 'seed']}")
+    try:
+        cfg = train.TrainConfig(seed=seed, **opts)
+        train.build_model(model, num_classes, cfg, data.info(d["dataset"]).image_shape)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: train: {err}") from None
+    default = train.TrainConfig(seed=seed)
+    canon = {k: _canon(getattr(cfg, k)) for k in sorted(opts) if getattr(cfg, k) != getattr(default, k)}
+    out = {"train": canon} if canon else {}
+    label = d.get("label")
+    if label is not None:
+        out["model_label"] = _safe_name(f"{where}: label", label)
+    elif canon:
+        out["model_label"] = ",".join(f"{k}={v}" for k, v in canon.items())
     return out
 
 
 def expand(grid: dict) -> list[Cell]:
+def _train_config(c: dict) -> "train.TrainConfig":
+    """The training config of a cell's model (``train_seed`` and its ``train`` options)."""
+    return train.TrainConfig(seed=c["train_seed"], **c.get("train", {}))
+
+
+def _model_key(c: dict) -> tuple:
+    """What identifies a cell's trained model in the sweeper's caches: (dataset, model, train_seed[, train])."""
+    k = (c["dataset"], c["model"], c["train_seed"])
+    return k + (json.dumps(c["train"], sort_keys=True),) if c.get("train") else k
+
+
+def _wants_feature_std(c: dict) -> bool:
+    d = c["defense"]
+    return d["name"] == "feature_noise" and d.get("options", {}).get("scale") == "std"
+
+
     """The cells of a resolved grid (see the module docstring), structurally validated.
 
     Raises ``ValueError`` naming the offending entry for unknown keys or names, empty axes, and
@@ -534,7 +592,10 @@ def expand(grid: dict) -> list[Cell]:
                      "attack": {"name": aname, "config": config, "eot": m},
                      "defense": defense, "targeted": tg, "budget": b, "n_images": n_images, "seed": seed,
                      "protocol": protocol}
-                cell = Cell.make(d, label=_safe_name(f"{where}: the cell label", _label(d, alabel, dlabel)))
+                if "train" in ds:
+                    d["train"] = ds["train"]
+                label = _label(d, alabel, dlabel) + (f" [{ds['model_label']}]" if "model_label" in ds else "")
+                cell = Cell.make(d, label=_safe_name(f"{where}: the cell label", label))
                 if cell.id not in seen:
                     seen.add(cell.id)
                     cells.append(cell)
@@ -662,10 +723,10 @@ def plan(cells: list[Cell], data_dir=None, sweeper: "Sweeper | None" = None, tra
                              f"int32 range of the query counters ({INT32_MAX})")
         d = c["defense"]
         if "level" in d:
-            dkey = (c["dataset"], c["model"], json.dumps(d, sort_keys=True))
+            dkey = (c["dataset"], c["model"], json.dumps(c.get("train", {}), sort_keys=True), json.dumps(d, sort_keys=True))
             if dkey not in defenses:
                 info = data.info(c["dataset"])
-                module = models.get_model(c["model"], info.num_classes)
+                module = train.build_model(c["model"], info.num_classes, _train_config(c), info.image_shape)
                 try:
                     build_defense(d["name"], module, None, d["level"], info.image_shape, **d["options"])
                 except (ValueError, TypeError) as err:
@@ -673,7 +734,7 @@ def plan(cells: list[Cell], data_dir=None, sweeper: "Sweeper | None" = None, tra
                 defenses[dkey] = True
         elif "drop" in d:
             info = data.info(c["dataset"])
-            module = models.get_model(c["model"], info.num_classes)
+            module = train.build_model(c["model"], info.num_classes, _train_config(c), info.image_shape)
             try:
                 build_defense(d["name"], module, None, 1e-3, info.image_shape, **d["options"])
             except (ValueError, TypeError) as err:
@@ -691,7 +752,7 @@ def _check_images(cells: list[Cell], data_dir, sweeper, train_models: bool, log)
         p = c["protocol"]
         pool, balanced = p.get("pool", "correct"), p.get("balanced", False)
         where = f"cell {cell.label!r} (n_images {c['n_images']}, pool {pool!r}{', balanced' if balanced else ''})"
-        mkey = (c["dataset"], c["model"], c["train_seed"])
+        mkey = _model_key(c)
         if sweeper is not None and (train_models or sweeper.has_model(c)):
             try:
                 sweeper.selection(c)
@@ -717,7 +778,8 @@ def _check_images(cells: list[Cell], data_dir, sweeper, train_models: bool, log)
             raise ValueError(f"{where}: the test split has only {len(y)} images")
         if mkey not in noted and log is not None:
             noted.add(mkey)
-            log(f"note: model {c['model']!r} ({c['dataset']}, train_seed {c['train_seed']}) is not trained yet: "
+            log(f"note: model {c['model']!r} ({c['dataset']}, train_seed {c['train_seed']}"
+                f"{', train ' + json.dumps(c['train']) if c.get('train') else ''}) is not trained yet: "
                 f"n_images checked against the {len(y)} test images only; the count of correctly classified ones "
                 f"is checked once it is trained, before any cell runs")
 
@@ -1023,12 +1085,12 @@ class Sweeper:
     # --- shared pieces
     def has_model(self, c: dict) -> bool:
         """Whether the cell's model is loaded or in the checkpoint cache (so :meth:`model` trains nothing)."""
-        if (c["dataset"], c["model"], c["train_seed"]) in self._models:
+        if _model_key(c) in self._models:
             return True
-        path = train.cache_path(c["model"], c["dataset"], train.TrainConfig(seed=c["train_seed"]), self.cache_dir)
+        path = train.cache_path(c["model"], c["dataset"], _train_config(c), self.cache_dir)
         return (path / "meta.json").exists()
 
-    def _load(self, name: str, dataset: str, seed: int):
+    def _load(self, name: str, dataset: str, seed: int, options: dict | None = None):
         """(model, params) from the checkpoint cache, trained first if missing (one process only: under
         ``jax.distributed`` every model must be in the cache already; each process restores it onto its
         own first device, :func:`rnd_jax.train.load_or_train`)."""
@@ -1043,14 +1105,23 @@ class Sweeper:
                                    progress=self.progress)
 
     def model(self, c: dict):
-        k = (c["dataset"], c["model"], c["train_seed"])
+        """(model, params, clean scorer, test images, test labels) of the cell's trained model (its ``train``
+        options included). A cell whose defense is ``feature_noise`` with ``scale="std"`` gets the model's
+        per-feature training stds (:func:`rnd_jax.train.feature_std`, computed once and cached beside the
+        checkpoint) attached to the params (:func:`rnd_jax.defenses.with_feature_std`)."""
+        k = _model_key(c)
         if k not in self._models:
-            model, params = self._load(c["model"], c["dataset"], c["train_seed"])
+            model, params = self._load(c["model"], c["dataset"], c["train_seed"], c.get("train"))
             x, y = data.load(c["dataset"], "test", data_dir=self.data_dir)
             self._models[k] = (model, params, model_scorer(model, params, compact=True), x, y)
         return self._models[k]
 
     def context(self, c: dict, needs) -> Context:
+        if _wants_feature_std(c) and FEATURE_STD not in self._models[k][1]:
+            model, params, _, x, y = self._models[k]
+            stats = train.feature_std(c["model"], c["dataset"], _train_config(c), self.cache_dir, self.data_dir)
+            params = with_feature_std(params, stats)
+            self._models[k] = (model, params, model_scorer(model, params, compact=True), x, y)
         k = (c["dataset"], c["model"], c["train_seed"], "surrogate" in needs)
         if k not in self._ctx:
             x, y = data.load(c["dataset"], "train", data_dir=self.data_dir)
@@ -1064,7 +1135,7 @@ class Sweeper:
     def selection(self, c: dict):
         p = c["protocol"]
         pool, balanced = p.get("pool", "correct"), p.get("balanced", False)
-        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], c["targeted"], c["n_images"], pool, balanced)
+        k = (*_model_key(c), c["seed"], c["targeted"], c["n_images"], pool, balanced)
         if k not in self._sel:
             _, _, clean, x, y = self.model(c)
             k_data = _streams(c["seed"])[1]
@@ -1079,7 +1150,7 @@ class Sweeper:
             return None, None
         if "level" in d:
             return d["level"], None
-        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], d["name"], d["drop"], d["calib_draws"],
+        k = (*_model_key(c), c["seed"], d["name"], d["drop"], d["calib_draws"],
              json.dumps(d["options"], sort_keys=True))
         if k not in self._calib:
             model, params, _, x, y = self.model(c)
@@ -1091,7 +1162,7 @@ class Sweeper:
 
     def defended_accuracy(self, c: dict, level) -> dict:
         d = c["defense"]
-        k = (c["dataset"], c["model"], c["train_seed"], c["seed"], d["name"], level,
+        k = (*_model_key(c), c["seed"], d["name"], level,
              json.dumps(d["options"], sort_keys=True), c["protocol"]["acc_draws"])
         if k not in self._acc:
             model, params, clean, x, y = self.model(c)
@@ -1139,7 +1210,7 @@ class Sweeper:
         (:mod:`rnd_jax.pytree`); the level too, for calibratable defenses, so one program serves every level.
         """
         spec = self._defense_spec(c, level)
-        k = (c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True), c["targeted"],
+        k = (*_model_key(c), json.dumps(c["attack"], sort_keys=True), c["targeted"],
              spec.name, json.dumps(spec.options, sort_keys=True), None if spec.traced else json.dumps(level),
              protocol, n_pad)
         if k not in self._runners:
@@ -1152,7 +1223,7 @@ class Sweeper:
     def tapped_runner(self, c: dict, attack, protocol: Protocol, level):
         """The compiled one-image runner of a tapped cell (``protocol.tap``) and its :class:`QueryTap`."""
         spec = self._defense_spec(c, level)
-        k = ("tap", c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True),
+        k = ("tap", *_model_key(c), json.dumps(c["attack"], sort_keys=True),
              c["targeted"], spec.name, json.dumps(spec.options, sort_keys=True),
              None if spec.traced else json.dumps(level), protocol)
         if k not in self._runners:

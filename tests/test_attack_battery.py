@@ -168,8 +168,9 @@ def _noisy_batch(name, context, clean_scorer, attack_set, short=True):
 
 # One image alone (its own unvmapped program) for attacks of every kind by default; the variants that share
 # their code with one of these (OPT ~ Sign-OPT, hsja_linf ~ hsja, parsimonious: tests/test_new_attacks.py) and
-# the costliest decision programs with -m slow.
-ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious")
+# the costliest decision programs with -m slow; so do the white-box attacks (gradient programs compile slowest;
+# tests/test_whitebox.py runs PGD and C&W alone, eagerly, against the same images inside the batch).
+ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious", "pgd", "cw")
 
 
 @pytest.mark.parametrize("name", by_attack(NAMES))

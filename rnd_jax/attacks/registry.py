@@ -1,7 +1,7 @@
 """The attack registry: every attack module registers an :class:`AttackSpec` when imported.
 
-``rnd_jax.attacks`` imports every module of ``rnd_jax/attacks/score/`` and
-``rnd_jax/attacks/decision/``, so adding an attack is adding one module that ends with::
+``rnd_jax.attacks`` imports every module of ``rnd_jax/attacks/score/``, ``rnd_jax/attacks/decision/``
+and ``rnd_jax/attacks/whitebox/`` (attacks that ask ``"gradient"`` queries), so adding an attack is adding one module that ends with::
 
     register(AttackSpec(name="zoo", config=ZOOConfig, build=zoo, family="score",
                         battery=dict(norm="l2", eps=..., budget=...)))
@@ -33,7 +33,7 @@ import numpy as np
 
 from rnd_jax.attacks.driver import INT32_MAX, Attack
 
-FAMILIES = ("score", "decision")
+FAMILIES = ("score", "decision", "whitebox")
 
 # Battery radii shared by every attack of a norm (digits 8x8 in [0, 1]).
 BATTERY_EPS = {"linf": 0.3, "l2": 2.0}
@@ -51,6 +51,7 @@ class Context:
     train_labels: Any = None  # i32[N]
     num_classes: int = 10
     surrogate: Any = None  # a clean scorer of a separately trained model (transfer priors)
+    autoencoder: Any = None  # the decoder of an autoencoder of the training images (rnd_jax.autoencoder.Decoder)
     surrogates: Any = None  # a tuple of clean scorers of separately trained models (Subspace's references)
 
     def __post_init__(self):
@@ -66,6 +67,10 @@ class Context:
                                  f"{xs} and {ys}")
         if self.surrogate is not None and not callable(self.surrogate):
             raise ValueError("Context.surrogate must be a scorer (x, keys) -> probabilities")
+        if self.autoencoder is not None and not (callable(self.autoencoder) and all(
+                isinstance(getattr(self.autoencoder, a, None), tuple) for a in ("latent_shape", "image_shape"))):
+            raise ValueError("Context.autoencoder must be a decoder z -> D(z) with latent_shape and image_shape "
+                             "(rnd_jax.autoencoder.Decoder)")
         if self.surrogates is not None:
             if not (isinstance(self.surrogates, (tuple, list)) and self.surrogates
                     and all(callable(s) for s in self.surrogates)):
@@ -78,7 +83,7 @@ class AttackSpec:
     name: str
     config: type  # frozen dataclass validated in __post_init__
     build: Callable[[Any, Context], Attack]
-    family: str  # "score" or "decision"
+    family: str  # "score", "decision" or "whitebox" (gradient queries)
     battery: dict = dataclasses.field(default_factory=dict)  # config overrides + "budget"
     supports_targeted: bool = True
     supports_untargeted: bool = True
