@@ -496,7 +496,6 @@ def _train_entry(d: dict, where: str, model: str, num_classes: int, seed: int) -
     return out
 
 
-def expand(grid: dict) -> list[Cell]:
 def _train_config(c: dict) -> "train.TrainConfig":
     """The training config of a cell's model (``train_seed`` and its ``train`` options)."""
     return train.TrainConfig(seed=c["train_seed"], **c.get("train", {}))
@@ -513,6 +512,7 @@ def _wants_feature_std(c: dict) -> bool:
     return d["name"] == "feature_noise" and d.get("options", {}).get("scale") == "std"
 
 
+def expand(grid: dict) -> list[Cell]:
     """The cells of a resolved grid (see the module docstring), structurally validated.
 
     Raises ``ValueError`` naming the offending entry for unknown keys or names, empty axes, and
@@ -1114,14 +1114,14 @@ class Sweeper:
             model, params = self._load(c["model"], c["dataset"], c["train_seed"], c.get("train"))
             x, y = data.load(c["dataset"], "test", data_dir=self.data_dir)
             self._models[k] = (model, params, model_scorer(model, params, compact=True), x, y)
-        return self._models[k]
-
-    def context(self, c: dict, needs) -> Context:
         if _wants_feature_std(c) and FEATURE_STD not in self._models[k][1]:
             model, params, _, x, y = self._models[k]
             stats = train.feature_std(c["model"], c["dataset"], _train_config(c), self.cache_dir, self.data_dir)
             params = with_feature_std(params, stats)
             self._models[k] = (model, params, model_scorer(model, params, compact=True), x, y)
+        return self._models[k]
+
+    def context(self, c: dict, needs) -> Context:
         k = (c["dataset"], c["model"], c["train_seed"], "surrogate" in needs)
         if k not in self._ctx:
             x, y = data.load(c["dataset"], "train", data_dir=self.data_dir)
