@@ -14,8 +14,10 @@ Default run (digits, 100 images, 10 000 queries, 7 noise levels; a few minutes o
     python -m experiments.nes_vs_output_noise --out runs/nes_vs_output_noise
 
 Outputs under ``--out``: ``results.json`` (config, one row per sigma, per-image records; the same
-seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_sigma.png`` and
-``timing.json`` (wall-clock seconds, kept apart so results stay reproducible). ``rows.jsonl`` holds
+seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_sigma.png``,
+``asr_vs_queries.png`` (success vs queries per sigma), ``artifacts/sigma=<s>.npz`` (each sigma's final
+points, traces and per-image records: :mod:`rnd_jax.artifacts`) and ``timing.json`` (wall-clock seconds,
+kept apart so results stay reproducible). ``rows.jsonl`` holds
 each sigma's row as soon as it is finished: a killed run, started again with the same options, skips
 those rows and ends with the same ``results.json``.
 """
@@ -34,8 +36,9 @@ from experiments.common import (add_model_args, add_protocol_args, add_run_args,
                                 write_json, write_timing)
 from rnd_jax.attacks import NESConfig, nes
 from rnd_jax.defenses import OUTPUT_SPACES, check_level, output_noise
+from rnd_jax import artifacts
 from rnd_jax.evaluate import Protocol, defended_accuracy, evaluate_cell, image_keys, select_images
-from rnd_jax.plots import asr_vs_level
+from rnd_jax.plots import asr_vs_level, success_vs_queries
 
 DEFAULT_SIGMAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -135,7 +138,9 @@ def main(argv=None) -> dict:
         # a level > 0 travels as an array argument: one compiled program serves every sigma
         defended = output_noise(clean, jnp.asarray(sigma, jnp.float32) if sigma > 0 else 0.0, cfg["noise_space"])
         t0 = time.time()
-        metrics, records = evaluate_cell(attack, defended, clean, sel, (ka, kd, kc), protocol)
+        keep = {}
+        metrics, records = evaluate_cell(attack, defended, clean, sel, (ka, kd, kc), protocol, keep=keep)
+        artifacts.write(out / artifacts.ARTIFACTS / f"sigma={sigma:g}.npz", keep)  # before the row is logged
         row = {"sigma": sigma, **metrics}
         accs = defended_accuracy(defended, x_test, y_test, k_def_acc, protocol.acc_draws)
         row.update(acc_clean=acc_clean, acc_defended_mean=float(accs.mean()), acc_defended_worst=float(accs.min()),
@@ -158,6 +163,10 @@ def main(argv=None) -> dict:
     title = (f"{'targeted' if protocol.targeted else 'untargeted'} NES ({nes_cfg.norm}, eps={nes_cfg.eps:g}, "
              f"{protocol.budget} queries) vs output noise on {cfg['dataset']}/{cfg['model']}")
     asr_vs_level(rows, out / "asr_vs_sigma.png", "sigma", title)
+    kept = {f"σ={r['sigma']:g}": out / artifacts.ARTIFACTS / f"sigma={r['sigma']:g}.npz" for r in rows}
+    kept = {k: artifacts.read(v) for k, v in kept.items() if v.exists()}
+    success_vs_queries({k: (a["queries"], a["success"]) for k, a in kept.items()}, protocol.budget,
+                       out / "asr_vs_queries.png", title)
     write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
 

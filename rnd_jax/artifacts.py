@@ -2,7 +2,9 @@
 
 **Cell artifacts** (:func:`cell_arrays`, :func:`write`, :func:`read`): one compressed ``.npz`` per cell,
 ``<results folder>/artifacts/<cell id>.npz``, written atomically before the cell's line in
-``results.jsonl`` (so a recorded cell always has its artifact). Per image, in selection order:
+``results.jsonl`` (so a recorded cell always has its artifact); the experiments write one per row of
+their table, ``<out>/artifacts/<row>.npz`` (e.g. ``sigma=0.001.npz``), before the row's line in
+``rows.jsonl``. Per image, in selection order:
 
 ====================  ==========================================================================
 ``x_adv``             f32[n, H, W, C]: the attack's final point
@@ -15,13 +17,13 @@
 ``invalid``           bool[n]: stopped on a non-finite answer
 ``check_votes``       f32[n]: share of the 9 defended check queries of ``x_adv`` that are adversarial
 ``clean_pred``        i32[n]: the clean model's class of ``x_adv``
-``scores_defended``   f32[n, K]: the defended answer at ``x_adv`` for check query 0 (the first vote)
+``scores_defended``   f32[n, K]: the defended answer at ``x_adv`` for check query 0 (the first vote; sweeps)
 ``scores_clean``      f32[n, K]: the clean model's probabilities at ``x_adv``
 ``trace_queries``     i32[n, T]: queries spent before each recorded step (-1: slot unused)
 ``trace_loss``        f32[n, T]: the attack's loss at that step (NaN: unused)
 ``trace_claimed``     bool[n, T]: the attack's own verdict after that step (its success belief)
 ``trace_l2``          f32[n, T]: ``||x - x0||_2`` after that step; ``trace_linf``: ``||x - x0||_inf``
-``cell_id``           str: the cell's id (a check that the file belongs to the cell)
+``cell_id``           str: the cell's id (a check that the file belongs to the cell; empty for experiments)
 ====================  ==========================================================================
 
 The trace has ``T = min(256, budget / cost)`` slots, one every ``ceil(steps / T)`` steps
@@ -106,9 +108,11 @@ def cell_arrays(cell_id: str, sel, res, votes, clean_pred, scores_defended, scor
         "claims": arr(res.claims, np.int32), "lucky": arr(res.lucky, bool),
         "stopped_success": arr(res.success, bool), "invalid": arr(res.invalid, bool, np.zeros(n, bool)),
         "check_votes": arr(votes, np.float32), "clean_pred": arr(clean_pred, np.int32),
-        "scores_defended": arr(scores_defended, np.float32), "scores_clean": arr(scores_clean, np.float32),
         "trace_queries": arr(res.trace_queries, np.int32), "trace_loss": arr(res.trace_loss, np.float32),
     }
+    for name, value in (("scores_defended", scores_defended), ("scores_clean", scores_clean)):
+        if value is not None:
+            out[name] = arr(value, np.float32)
     for name in ("trace_claimed", "trace_l2", "trace_linf"):
         value = getattr(res, name, None)
         if value is not None:

@@ -473,20 +473,21 @@ def validate_selection(attack: Attack, oracle: Oracle, protocol: Protocol, sel: 
 
 
 def evaluate_cell(attack: Attack, defended: Scorer, clean: Scorer, sel: Selection, keys, protocol: Protocol,
-                  budgets=(), output: str | None = None, compiler_options: dict | None = None):
+                  budgets=(), output: str | None = None, compiler_options: dict | None = None, keep: dict | None = None):
     """Run one (attack, defense) cell of the protocol: validate, jit once, run, summarize.
 
     ``keys = (ka, kd, kc)`` from :func:`image_keys`. ``budgets`` adds ``asr_at_<B>`` (success with
     at most ``B`` budgeted queries) for each ``B <= protocol.budget``. ``compiler_options`` go to
     XLA (e.g. ``{"xla_backend_optimization_level": 0}`` when compiling many one-off cells costs more
-    than running them). Returns ``(metrics, per_image_records)``.
+    than running them). ``keep``: a dict that receives the cell's arrays (:func:`run_cell`). Returns
+    ``(metrics, per_image_records)``.
     """
     oracle = Oracle(defended, output or attack.output)
     validate_selection(attack, oracle, protocol, sel)
     runner = compile_runner(make_runner(attack, oracle, clean, protocol))
     if compiler_options:
         runner = runner.lower(*cell_inputs(sel, keys)).compile(compiler_options=compiler_options)
-    return run_cell(runner, sel, keys, protocol, budgets)
+    return run_cell(runner, sel, keys, protocol, budgets, keep=keep, clean=clean)
 
 
 def compile_runner(runner, compiler_options: dict | None = None):
@@ -512,12 +513,16 @@ def cell_inputs(sel: Selection, keys):
     return (sel.images, sel.labels, sel.targets, *keys)
 
 
-def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=()):
+def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=(), keep: dict | None = None,
+             clean: Scorer | None = None):
     """Run a (jitted) :func:`make_runner` runner on a selection and summarize it, as :func:`evaluate_cell`.
 
     For each ``B`` in ``budgets``: ``<kind>_at_<B>`` for every success notion (success with at most
     ``B`` budgeted queries, from the same run: the attack's trajectory up to ``B`` queries does not
     depend on a larger budget, except for attacks whose schedule spans the budget, e.g. Square's).
+
+    ``keep``: a dict that receives the cell's artifact arrays (:func:`rnd_jax.artifacts.cell_arrays`: final
+    points, traces, per-image counts and success flags; with ``clean``, the clean scores of the final points).
     """
     res, votes, clean_pred = jax.block_until_ready(runner(*cell_inputs(sel, keys)))
     row = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
@@ -528,6 +533,12 @@ def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=()):
     for b in budgets:
         for kind, v in ok.items():
             row[f"{kind}_at_{b}"] = float(np.mean(v & (q <= b)))
+    if keep is not None:
+        from rnd_jax import artifacts
+
+        scores_clean = None if clean is None else pytree.call(clean, jnp.asarray(res.x_adv), None)
+        keep.update(artifacts.cell_arrays("", sel, jax.tree.map(np.asarray, res), votes, clean_pred, None,
+                                          scores_clean, {"success" + k[3:]: v for k, v in ok.items()}))
     return row, per_image(sel, res, votes, clean_pred)
 
 

@@ -63,6 +63,25 @@ def success_curve(queries, success, budget: int, points: int = 200):
     return qs, ((queries[None, :] <= qs[:, None]) & success[None, :]).mean(1)
 
 
+def success_vs_queries(series: dict, budget: int, path, title: str = "", ylabel: str = "asr (%)") -> None:
+    """One panel of success-vs-queries curves: ``series`` maps a line label to ``(queries, success)`` per image."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, (queries, success) in series.items():
+        qs, y = success_curve(queries, success, budget)
+        ax.plot(qs, 100 * y, label=str(name))
+    ax.set_xlabel("queries")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    if 0 < len(series) <= 12:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _split_label(label: str) -> tuple[str, str]:
     attack, _, defense = label.partition(" vs ")
     return attack, defense or label
