@@ -38,7 +38,9 @@ GRID = {"name": "keep", "attacks": [{"name": "nes", "config": {"samples": 10}}],
 
 KILL_AFTER_SECOND_CHUNK = """
 import json, os, signal, sys
-from rnd_jax import sweep
+from rnd_jax import compile_cache, sweep
+
+compile_cache.enable()  # the resumed run in the test process loads these programs
 
 class Kill:
     def write(self, kind, step, values):
