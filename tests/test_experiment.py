@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from rnd_jax import artifacts
+
 from experiments import nes_vs_output_noise as exp
 
 
@@ -59,7 +61,8 @@ def test_smoke_run_writes_results_and_replays_bit_identically(tmp_path, digits_m
     a, b = tmp_path / "a", tmp_path / "b"
     argv = ["--smoke", "--out", str(a), "--cache-dir", str(cache_dir), "--no-progress"]
     exp.main(argv)
-    for f in ("results.json", "results.csv", "config.json", "asr_vs_sigma.png", "timing.json", "rows.jsonl"):
+    for f in ("results.json", "results.csv", "config.json", "asr_vs_sigma.png", "timing.json", "rows.jsonl",
+              "asr_vs_queries.png", "artifacts/sigma=0.npz", "artifacts/sigma=0.01.npz"):
         assert (a / f).stat().st_size > 0, f
     _killed_after_first_row(b, cache_dir, tmp_path)
     assert not (b / "results.json").exists()  # the kill came before the end
@@ -92,6 +95,9 @@ def test_smoke_run_writes_results_and_replays_bit_identically(tmp_path, digits_m
         assert r["queries_total"] <= 8 * 1000
     per = res["images"]["0"]
     assert len(per["queries"]) == 8 and all(q <= 1000 for q in per["queries"])
+    kept = artifacts.read(a / "artifacts" / "sigma=0.npz")  # the row's arrays agree with its records
+    assert kept["queries"].tolist() == per["queries"] and kept["x_adv"].shape == (8, 8, 8, 1)
+    assert (kept["clean_pred"] == kept["scores_clean"].argmax(1)).all()
     assert all(t != y for t, y in zip(per["target"], per["label"]))
 
 
