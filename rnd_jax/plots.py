@@ -66,17 +66,29 @@ def success_curve(queries, success, budget: int, points: int = 200):
 def success_vs_queries(series: dict, budget: int, path, title: str = "", ylabel: str = "asr (%)") -> None:
     """One panel of success-vs-queries curves: ``series`` maps a line label to ``(queries, success)`` per image."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    _curves_on(ax, series, budget, ylabel, title)
+    _save(fig, path)
+
+
+def _curves_on(ax, series: dict, budget: int, ylabel: str, title: str, legend_max: int = 12) -> None:
     for name, (queries, success) in series.items():
         qs, y = success_curve(queries, success, budget)
         ax.plot(qs, 100 * y, label=str(name))
     ax.set_xlabel("queries")
-    ax.set_ylabel(ylabel)
     ax.set_ylim(-3, 103)
+    _decorate(ax, ylabel, title, len(series), legend_max)
+
+
+def _decorate(ax, ylabel: str, title: str, n_lines: int, legend_max: int = 12) -> None:
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if 0 < len(series) <= 12:
+    if 0 < n_lines <= legend_max:
         ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def _save(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -100,24 +112,16 @@ def asr_vs_queries(records, path, title: str = "", kind: str = "success", max_pa
     rows = max(1, -(-len(names) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
     for ax, name in zip(axes.ravel(), names):
+        series = {}
         for r in panels[name]:
             im = r["images"]
-            qs, y = success_curve(im["queries"], im.get(kind, im.get("success", [])), r["cell"]["budget"])
-            ax.plot(qs, 100 * y, label=_split_label(r["label"])[1])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("queries")
-        ax.set_ylabel(f"{'asr' + kind[7:]} (%)")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        if len(panels[name]) <= 10:
-            ax.legend(fontsize=7)
+            series[_split_label(r["label"])[1]] = (im["queries"], im.get(kind, im.get("success", [])))
+        _curves_on(ax, series, max(r["cell"]["budget"] for r in panels[name]), f"{'asr' + kind[7:]} (%)", name, legend_max=10)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def median_queries_vs_level(records, path, title: str = "", kind: str = "success") -> None:
@@ -144,12 +148,5 @@ def median_queries_vs_level(records, path, title: str = "", kind: str = "success
         ax.plot([xs[lv] for lv, _ in pts], [m for _, m in pts], "o-", label=f"{attack} / {family}")
     ax.set_xticks(range(len(levels)), [_fmt_level(v) for v in levels], fontsize=8)
     ax.set_xlabel("noise level")
-    ax.set_ylabel("median queries (successes)")
-    ax.grid(alpha=0.3)
-    if 0 < len(lines) <= 12:
-        ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _decorate(ax, "median queries (successes)", title, len(lines))
+    _save(fig, path)
