@@ -663,11 +663,15 @@ def _feature_std(model, params, images, batch_size: int) -> dict[str, np.ndarray
     n = images.shape[0]
     if n < 1:
         raise ValueError("feature_std needs at least one image")
+    b = min(batch_size, n)
     sums, squares = {}, {}
-    for start in range(0, n, batch_size):
-        chunk = images[start:start + batch_size]
+    for start in range(0, n, b):
+        chunk = images[start:start + b]
+        m = chunk.shape[0]
+        if m < b:  # zero-padded to the chunk size (one compiled program), the padding dropped below
+            chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), np.float32)])
         for k, v in _marked(model, params, chunk).items():
-            v = np.asarray(v, np.float64)
+            v = np.asarray(v, np.float64)[:m]
             sums[k] = sums.get(k, 0.0) + v.sum(axis=0)
             squares[k] = squares.get(k, 0.0) + (v * v).sum(axis=0)
     return {k: np.sqrt(np.maximum(squares[k] / n - (sums[k] / n) ** 2, 0.0)).astype(np.float32) for k in sums}
