@@ -65,7 +65,9 @@ A dataset entry's ``train`` dict trains its model with any :class:`rnd_jax.train
 seed, which is ``train_seed``): PGD-AT, RND-GF, RSE, PNI, augmentation, ...; it is validated by the config and
 the model it builds, canonical (fields at their defaults dropped), part of the cell (so of its id; cells
 without it keep their ids) and of the checkpoint's cache key. Its ``label`` (default: the non-default fields)
-is appended to the cell labels as ``[label]``. The attacks' surrogate models stay the clean ones.
+is appended to the cell labels as ``[label]`` (and to the ``model`` column of :func:`flat` rows). An entry's own
+``defenses`` list (same format as the grid's) replaces the grid's defense axis for that model, e.g. ``rse`` for
+the RSE-trained model only. The attacks' surrogate models stay the clean ones.
 
 **Cells and keys.** A cell is the canonical JSON of (dataset, model, train_seed[, train], attack name +
 config overrides + eot M, defense name + level or calibrated drop + options, targeted, budget,
@@ -161,7 +163,7 @@ GRID_KEYS = ("name", "description", "datasets", "attacks", "defenses", "targeted
 EOT_BUDGETS = ("equal", "scaled")
 ATTACK_KEYS = ("name", "config", "sweep", "eot", "label")
 DEFENSE_KEYS = ("name", "levels", "drops", "options", "sweep", "label")
-DATASET_KEYS = ("dataset", "model", "train_seed", "train", "label")
+DATASET_KEYS = ("dataset", "model", "train_seed", "train", "label", "defenses")
 TABLE_KEYS = ("mirrors", "title", "rows", "cols", "col_name", "values", "note")
 RESULTS = "results.jsonl"
 REJECTED = "results.rejected.jsonl"
@@ -459,6 +461,8 @@ def _datasets(grid: dict, name: str):
         seed = _int(f"{where}: train_seed", d.get("train_seed", 0), 0)
         entry = {"dataset": d["dataset"], "model": model, "train_seed": seed}
         entry.update(_train_entry(d, where, model, ds.num_classes, seed))
+        if "defenses" in d:  # this model's own defense axis, validated as the grid's
+            entry["defenses"] = _defense_entries({"defenses": d["defenses"]}, f"{name}: datasets[{i}]")
         out.append(entry)
     return out
 
@@ -555,7 +559,7 @@ def expand(grid: dict) -> list[Cell]:
                             or eps <= 0):
         raise ValueError(f"grid {name!r}: eps must be a finite number > 0, got {eps!r}")
     attacks = _attack_entries(grid, name)
-    defenses = _defense_entries(grid, name)
+    grid_defenses = _defense_entries(grid, name)
     cells, seen = [], set()
     for ds, seed, tg, budget in itertools.product(dsets, seeds, targeted, budgets):
         for ai, aname, overrides, m, alabel in attacks:
@@ -581,7 +585,7 @@ def expand(grid: dict) -> list[Cell]:
                 if b > INT32_MAX:
                     raise ValueError(f"{where}: budget {b // m} x eot {m} = {b} is beyond the int32 range of the "
                                      f"query counters ({INT32_MAX})")
-            for di, fam, kind, value, opts, dlabel in defenses:
+            for di, fam, kind, value, opts, dlabel in ds.get("defenses", grid_defenses):
                 defense = {"name": fam, "options": opts}
                 if kind == "level":
                     defense["level"] = value
@@ -1057,7 +1061,9 @@ def flat(record: dict) -> dict:
     """One flat row of a result record, for tables: cell fields, ``cfg.<k>``, ``opt.<k>``, metrics."""
     c = record["cell"]
     a, d = c["attack"], c["defense"]
-    row = {"id": record["id"], "label": record.get("label", ""), "dataset": c["dataset"], "model": c["model"],
+    label = record.get("label", "")
+    model = c["model"] + (" [" + label.rpartition(" [")[2] if label.endswith("]") and " [" in label else "")
+    row = {"id": record["id"], "label": label, "dataset": c["dataset"], "model": model,
            "train_seed": c["train_seed"], "attack": a["name"], "eot": a["eot"], "defense": d["name"],
            "level": record.get("level"), "drop": d.get("drop"), "targeted": c["targeted"], "budget": c["budget"],
            "n_images": c["n_images"], "seed": c["seed"], "cost": record.get("cost")}
