@@ -504,3 +504,90 @@ _add({
               "note": _RFD + "Differs: digits (CIFAR-10, VGG-19 / ResNet-50); 20 images; the QC = 1000 column of "
                       "M > 1 comes from the M x 1 000 run."},
 })
+
+
+# ----------------------------------------------------------------------------- trained defenses: SND Table 1; RND-GF and RND-AT
+# Models trained with a training-time defense are dataset entries with a "train" block (rnd_jax.train.TrainConfig
+# fields) and, where only some defenses apply to them, their own "defenses" list.
+
+TRAINED_PGD_AT = {"adv_eps": 0.1, "adv_steps": 7, "epochs": 20}  # Madry et al.: l_inf PGD-AT (7 steps, 2.5 eps / 7)
+TRAINED_RSE = {"rse_init": 0.2, "rse_inner": 0.1}  # Liu et al. (as SND quotes them): sigma_init 0.2, sigma_inner 0.1
+TRAINED_PNI = {"pni": "weight", "adv_eps": 0.1, "adv_steps": 7, "adv_weight": 0.5, "epochs": 20}  # PNI-W, layer-wise
+TRAINED_GF = {"finetune": True, "gf_noise": 0.02, "gf_samples": 4, "epochs": 10, "learning_rate": 1e-3}  # RND-GF
+_TRAINED_SMOKE = {"epochs": 2, "adv_steps": 2}
+
+
+def _trained_models(entries, smoke: bool):
+    """Dataset entries of trained models ``(label, train, defenses)``; ``smoke``: 2 epochs (2 PGD steps)."""
+    out = []
+    for label, opts, defenses in entries:
+        if opts is None:
+            e = {"dataset": "digits", "label": label}
+        else:
+            opts = dict(opts)
+            if smoke:
+                opts.update({k: v for k, v in _TRAINED_SMOKE.items() if k == "epochs" or "adv_eps" in opts})
+            e = {"dataset": "digits", "train": opts, "label": label}
+        if defenses is not None:
+            e["defenses"] = defenses
+        out.append(e)
+    return out
+
+
+_SND1_MODELS = [("baseline", None, None),
+                ("RSE", TRAINED_RSE, [{"name": "rse", "levels": [10]}]),
+                ("PNI", TRAINED_PNI, [{"name": "pni", "levels": [1]}]),
+                ("PGD-AT", TRAINED_PGD_AT, ["none"])]
+_add({
+    "name": "snd_table1",
+    "description": "clean accuracy of every defense: input noise, RSE, PNI, R&P, PGD-AT (SND Table 1)",
+    "datasets": _trained_models(_SND1_MODELS, smoke=False),
+    "attacks": ["square_linf"],
+    "defenses": ["none", {"name": "input_noise", "levels": [0.001, 0.01, 0.02]},
+                 {"name": "random_resize_pad", "levels": [1, 2]}],
+    "targeted": False, "budgets": [100], "n_images": 2, "acc_draws": 20,
+    "smoke": {"datasets": _trained_models(_SND1_MODELS, smoke=True), "acc_draws": 2,
+              "defenses": ["none", {"name": "input_noise", "levels": [0.01]}]},
+    "full": {"acc_draws": 40},
+    "table": {"mirrors": "SND (Byun et al. 2022), Table 1", "rows": ["model", "defense", "level"], "cols": [],
+              "values": ["acc_defended_mean", "acc_defended_worst", "acc_clean"],
+              "title": "Clean accuracy of the defended models on the whole test split: mean and worst of acc_draws "
+                       "draws of the defense's randomness (acc_defended_mean / _worst), and the accuracy of the model "
+                       "without its inference noise (acc_clean)",
+              "note": "Each model's own defense: input noise nu (SND) and random resize-and-pad (R&P, max_extra "
+                      "pixels, Xie et al.) on the clean model; RSE (noise of std 0.2 on the input, before the first "
+                      "convolution, and 0.1 before the second, trained with them; the mean of 10 noisy passes); PNI-W "
+                      "(layer-wise weight noise, trained with PGD-AT at eps 0.1, half clean and half adversarial loss "
+                      "as PNI does; one noisy pass); PGD-AT (l_inf eps 0.1, 7 steps; no inference noise). The attack "
+                      "cells (Square, 100 queries, 2 images) only carry the accuracy measurement. Differs: digits 8x8 "
+                      "and digits_cnn (CIFAR-10 / ResNet-20 and ImageNet / ResNet-50 in the paper: one table here); "
+                      "the paper's spread is over 5 seeds, ours is the worst of 20 draws of one model; PGD-AT at eps "
+                      "0.1 on [0, 1] pixels (the usual 8/255 of CIFAR-10 is below a digit's pixel step), 20 epochs "
+                      "(PNI too); R&P enlarges 8x8 images by 1 or 2 pixels (Xie et al.: 299 -> up to 331, +11%) and "
+                      "resizes back, digits_cnn taking only 8x8 inputs; --smoke trains 2 epochs."},
+})
+
+_RND_TRAINED = [("RND", None, None), ("RND-GF", TRAINED_GF, None), ("RND-AT", TRAINED_PGD_AT, None)]
+_add({
+    "name": "rnd_gf_at",
+    "description": "RND, RND-GF (Gaussian-augmentation fine-tuning) and RND-AT (adversarial training + RND) x nu",
+    "datasets": _trained_models(_RND_TRAINED, smoke=False),
+    "attacks": [{"name": "nes", "config": {"samples": 50, "beta": 0.005}}, {"name": "square_linf"}],
+    "defenses": [{"name": "input_noise", "levels": [0.0, 0.01, 0.02]}],
+    "targeted": False, "budgets": [2_000], "n_images": 30, "acc_draws": 20,
+    "smoke": {"datasets": _trained_models(_RND_TRAINED, smoke=True),
+              "attacks": [{"name": "nes", "config": {"samples": 10, "beta": 0.005}}], "n_images": 4,
+              "budgets": [330], "acc_draws": 4, "defenses": [{"name": "input_noise", "levels": [0.0, 0.02]}]},
+    "full": {"n_images": FULL_IMAGES, "budgets": [10_000]},
+    "table": {"mirrors": "RND (Qin et al. 2021): RND, RND-GF and RND-AT", "rows": ["attack", "model"],
+              "cols": ["level"], "col_name": "nu", "values": ["failure", "queries_mean", "acc_defended_mean"],
+              "title": "Attack failure rate (1 - ASR by the majority check), mean queries of the successes and clean "
+                       "accuracy under input noise nu, for the clean model (RND), the model fine-tuned with "
+                       "Gaussian augmentation (RND-GF) and the adversarially trained model (RND-AT)",
+              "note": _RND + "RND-GF: 10 epochs of fine-tuning the clean model (lr 1e-3) on -log E_delta[F(x + "
+                      "delta)], delta ~ N(0, 0.02^2), 4 draws inside the log; RND-AT: PGD-AT (l_inf eps 0.1, 7 "
+                      "steps, 20 epochs) with input noise at inference. Differs: digits (CIFAR-10 / ImageNet, VGG-16 / "
+                      "Inception-v3 / ResNet-50; the paper's RND-AT starts from a public adversarially trained "
+                      "model); 30 images; 2 000 queries; NES with mu = 0.005 and Square with its defaults; the "
+                      "GF noise 0.02 is the larger of the table's nu; --smoke trains 2 epochs."},
+})
