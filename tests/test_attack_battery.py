@@ -45,9 +45,11 @@ def by_attack(names, slow=()):
 @pytest.fixture(scope="module")
 def context(request):
     x, y = data.load("digits", "train")
-    needs_surrogate = any("surrogate" in ATTACKS[n].needs for n in NAMES)
+    needs_surrogate = any({"surrogate", "surrogates"} & set(ATTACKS[n].needs) for n in NAMES)
     surrogate = request.getfixturevalue("surrogate_scorer") if needs_surrogate else None
-    return Context(train_images=x, train_labels=y, num_classes=10, surrogate=surrogate)
+    # one reference model for the Subspace attack (several: tests/test_subspace_evolutionary.py)
+    surrogates = (surrogate,) if any("surrogates" in ATTACKS[n].needs for n in NAMES) else None
+    return Context(train_images=x, train_labels=y, num_classes=10, surrogate=surrogate, surrogates=surrogates)
 
 
 def build(name, context, targeted):
@@ -170,7 +172,8 @@ def _noisy_batch(name, context, clean_scorer, attack_set, short=True):
 # their code with one of these (OPT ~ Sign-OPT, hsja_linf ~ hsja, parsimonious: tests/test_new_attacks.py) and
 # the costliest decision programs with -m slow; so do the white-box attacks (gradient programs compile slowest;
 # tests/test_whitebox.py runs PGD and C&W alone, eagerly, against the same images inside the batch).
-ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious", "pgd", "cw")
+ALONE_SLOW = ("opt", "hsja_linf", "geoda", "signflip", "nes_label_only", "boundary", "parsimonious", "pgd", "cw",
+              "evolutionary", "subspace")  # evolutionary ~ boundary; subspace: tests/test_subspace_evolutionary.py
 
 
 @pytest.mark.parametrize("name", by_attack(NAMES))
@@ -179,8 +182,8 @@ def test_replay_is_bit_identical(name, context, clean_scorer, attack_set):
     retrace (it is the success test's for the costliest attacks, called there with other inputs)."""
     sel, n = attack_set, len(attack_set.labels)
     # the short program is the alone test's; where that test is slow, replay the success test's program
-    # (parsimonious: its full budget under noise runs longer than the short program compiles)
-    short = name not in ALONE_SLOW or name == "parsimonious"
+    # (parsimonious, subspace: their full budget under noise runs longer than the short program compiles)
+    short = name not in ALONE_SLOW or name in ("parsimonious", "subspace")
     a = _noisy_batch(name, context, clean_scorer, attack_set, short)
     f, _ = runner(name, context, clean_scorer, goals(name)[-1], n, short=short)
     b = as_np(f(sel.images, sel.labels, sel.targets, keys(0, n), keys(1, n), 1e-4, keys(2, n), 1))
