@@ -18,7 +18,8 @@ the 9 evaluation queries per image are not part of any budget and are reported o
 sigma = 0 and nu = 0 are the same undefended cell; it runs once. All cells share the images,
 targets and keys (common random numbers), so differences between cells come from the defense.
 P-RGF's transfer prior comes from a surrogate trained separately on the training split
-(``--surrogate-seed``, default 1, and optionally ``--surrogate-model``).
+(``--surrogate-seed``, default 1, and optionally ``--surrogate-model``); ZOO-AE and AutoZOOM-AE search the
+latent code of an autoencoder trained on the training split (:mod:`rnd_jax.autoencoder`, cached).
 
 Default run (digits, targeted, 50 images, 13 attacks x 6 cells, sigma in {0, 1e-4, 1e-3, 1e-2}, nu in
 {0, 1e-3, 1e-2}; about 13 minutes wall and 9 CPU-minutes on 2 shared CPU cores; each cell compiles its
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 from experiments.common import (add_model_args, add_protocol_args, add_run_args, apply_smoke, check_out, check_resumable,
                                 cli, dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
                                 write_json, write_timing)
-from rnd_jax import models, plots, pytree
+from rnd_jax import autoencoder, models, plots, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
 from rnd_jax.evaluate import (Protocol, cell_inputs, defended_accuracy, image_keys, make_runner, run_cell, select_images,
@@ -122,7 +123,7 @@ def _placeholder_context(ds) -> Context:
     shape = ds.image_shape
     return Context(train_images=np.zeros((ds.num_classes,) + shape, np.float32),
                    train_labels=np.arange(ds.num_classes, dtype=np.int32), num_classes=ds.num_classes,
-                   surrogate=lambda x, keys: None)
+                   surrogate=lambda x, keys: None, autoencoder=autoencoder.placeholder(shape))
 
 
 def attack_config(name: str, targeted: bool, eps: dict | None = None, dataset: str = "digits") -> dict:
@@ -309,11 +310,12 @@ def main(argv=None) -> dict:
     grid = [tuple(c) for c in cfg["cells"]]
     needs_surrogate = any("surrogate" in r["needs"] for r in cfg["attacks"])
     run_ = setup(args, cfg, train_split=True, surrogate_seed=args.surrogate_seed if needs_surrogate else None,
-                 surrogate_model=cfg["surrogate_model"])
+                 surrogate_model=cfg["surrogate_model"],
+                 autoencoder=any("autoencoder" in r["needs"] for r in cfg["attacks"]))
     out, show, t_start, clean = run_.out, run_.show, run_.t_start, run_.clean
     x_test, y_test, acc_clean, k_def_acc = run_.x_test, run_.y_test, run_.acc_clean, run_.k_def_acc
     ctx = Context(train_images=run_.x_train, train_labels=run_.y_train, num_classes=cfg["num_classes"],
-                  surrogate=run_.surrogate)
+                  surrogate=run_.surrogate, autoencoder=run_.autoencoder)
     sel = select_images(run_.k_data, clean, x_test, y_test, cfg["n_images"], targeted, cfg["num_classes"])
     keys = image_keys(run_.k_attack, run_.k_def_images, sel.index)
     protocols, attacks = {}, {}

@@ -282,7 +282,7 @@ def open_run(out: Path, cfg: dict) -> RunLog:
 
 
 def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | None = None,
-          surrogate_model: str | None = None) -> SimpleNamespace:
+          surrogate_model: str | None = None, autoencoder: bool = False) -> SimpleNamespace:
     """The start every attack experiment shares, after its options are validated.
 
     Checks ``args.out`` (nothing is created: :func:`open_run` does it once the run is valid); derives
@@ -291,7 +291,9 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     defended-accuracy noise: the same derivation in every experiment, so the same seed picks the same
     images everywhere); loads or trains ``cfg["model"]`` on ``cfg["dataset"]`` with seed
     ``args.train_seed`` (recorded in ``cfg["train"]``); loads the test split (and the training split
-    with ``train_split``), and a surrogate trained with ``surrogate_seed`` when given.
+    with ``train_split``), a surrogate trained with ``surrogate_seed`` when given, and with ``autoencoder`` the
+    decoder of the dataset's autoencoder (:mod:`rnd_jax.autoencoder`, default config, recorded in
+    ``cfg["autoencoder_train"]``).
     """
     import jax
     import numpy as np
@@ -334,10 +336,15 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
                                                 cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
         cfg["surrogate_train"] = dataclasses.asdict(sur_cfg)
         surrogate = model_scorer(s_model, s_params)
+    decoder = None
+    if autoencoder:
+        from rnd_jax import autoencoder as ae
+        decoder = ae.load_decoder(cfg["dataset"], cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
+        cfg["autoencoder_train"] = dataclasses.asdict(ae.AutoencoderConfig())
     return SimpleNamespace(out=out, show=show, t_start=t_start, k_data=k_data, k_attack=k_attack,
                            k_def_images=k_def_images, k_def_acc=k_def_acc, model=model, params=params,
                            clean=clean, x_test=x_test, y_test=y_test, x_train=x_train, y_train=y_train,
-                           acc_clean=acc_clean, surrogate=surrogate)
+                           acc_clean=acc_clean, surrogate=surrogate, autoencoder=decoder)
 
 
 def clean_json(obj):

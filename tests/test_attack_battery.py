@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
-from rnd_jax import data, pytree
+from rnd_jax import autoencoder, data, pytree
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.defenses import output_noise
 from rnd_jax.evaluate import QueryTap, tap_scorer
@@ -49,7 +49,11 @@ def context(request):
     surrogate = request.getfixturevalue("surrogate_scorer") if needs_surrogate else None
     # one reference model for the Subspace attack (several: tests/test_subspace_evolutionary.py)
     surrogates = (surrogate,) if any("surrogates" in ATTACKS[n].needs for n in NAMES) else None
-    return Context(train_images=x, train_labels=y, num_classes=10, surrogate=surrogate, surrogates=surrogates)
+    decoder = None
+    if any("autoencoder" in ATTACKS[n].needs for n in NAMES):  # trained once per session (its cache entry)
+        decoder = autoencoder.load_decoder("digits", cache_dir=request.getfixturevalue("cache_dir"), progress=False)
+    return Context(train_images=x, train_labels=y, num_classes=10, surrogate=surrogate, surrogates=surrogates,
+                   autoencoder=decoder)
 
 
 def build(name, context, targeted):
