@@ -297,3 +297,20 @@ def test_training_configs_reach_the_cache_key_and_the_cell(digits_model, at_mode
     model, params, *_ = sw.model(at.d)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, at_model[1]))
     assert not jnp.array_equal(sw.model(clean.d)[1]["Dense_1"]["kernel"], params["Dense_1"]["kernel"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(rse_init=0.2, rse_inner=0.1), dict(pni="both", adv_eps=EPS, adv_steps=2,
+                                                                         adv_weight=0.5),
+                                dict(finetune=True, gf_noise=0.05, gf_samples=2, learning_rate=1e-3)],
+                         ids=["rse", "pni_at", "gf"])
+def test_every_training_defense_trains_and_reloads(kw, digits_model, digits_test, cache_dir, capsys):
+    cfg = train.TrainConfig(epochs=2, batch_size=128, **kw)
+    model, params = train.load_or_train("digits_cnn", "digits", cfg, cache_dir=cache_dir, progress=False)
+    again, loaded = train.load_or_train("digits_cnn", "digits", cfg, cache_dir=cache_dir, progress=False)
+    assert "loaded from cache" in capsys.readouterr().err and again == model  # the noise layers come back too
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, loaded))
+    acc = train.accuracy(model, params, *digits_test)
+    assert acc >= (train.accuracy(*digits_model, *digits_test) - 0.05 if cfg.finetune else 0.5), acc
+    alphas = {k: float(jnp.mean(v)) for k, v in params.items() if k.startswith("pni_")}
+    assert bool(alphas) == bool(cfg.pni) and all(a != 0.25 for a in alphas.values()), alphas
