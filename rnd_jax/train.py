@@ -232,6 +232,9 @@ class TrainConfig:
                     isinstance(n, str) and n for n in layers):
                 raise ValueError(f"rse_layers must be None or a list of mark names, got {layers!r}")
             object.__setattr__(self, "rse_layers", tuple(layers))
+        if self.gf_noise > 0 and self.logit_noise > 0:
+            raise ValueError("gf_noise (RND-GF's loss) and logit_noise (noisy logits in the cross-entropy) are two "
+                             "different training losses; set one of them")
         for name in ("adv_eps", "adv_step_size", "gf_noise", "rse_init", "rse_inner"):
             if getattr(self, name) > F32_LEVEL_MAX:
                 raise ValueError(f"{name} = {getattr(self, name)} overflows float32 (at most {F32_LEVEL_MAX:.4g})")

@@ -231,7 +231,7 @@ def test_feature_std_matches_numpy_and_scales_the_feature_noise(digits_model, ca
 @pytest.mark.parametrize("kw", [dict(adv_eps=-0.1), dict(adv_eps=math.nan), dict(adv_steps=0), dict(adv_norm="l2"),
                                 dict(adv_weight=1.5), dict(gf_noise=-1.0), dict(gf_samples=0), dict(pni="weights"),
                                 dict(pni_init=math.inf), dict(rse_layers="conv1"), dict(rse_inner=True),
-                                dict(finetune=1)])
+                                dict(finetune=1), dict(gf_noise=0.1, logit_noise=1.0)])
 def test_bad_training_options_raise(kw):
     with pytest.raises(ValueError):
         train.TrainConfig(**kw)
