@@ -18,7 +18,8 @@ the 9 evaluation queries per image are not part of any budget and are reported o
 sigma = 0 and nu = 0 are the same undefended cell; it runs once. All cells share the images,
 targets and keys (common random numbers), so differences between cells come from the defense.
 P-RGF's transfer prior comes from a surrogate trained separately on the training split
-(``--surrogate-seed``, default 1, and optionally ``--surrogate-model``); ZOO-AE and AutoZOOM-AE search the
+(``--surrogate-seed``, default 1, and optionally ``--surrogate-model``), the Subspace attack's two reference
+models likewise (seeds ``--surrogate-seed`` and ``--surrogate-seed`` + 1); ZOO-AE and AutoZOOM-AE search the
 latent code of an autoencoder trained on the training split (:mod:`rnd_jax.autoencoder`, cached).
 
 Default run (digits, targeted, 50 images, 13 attacks x 6 cells, sigma in {0, 1e-4, 1e-3, 1e-2}, nu in
@@ -113,6 +114,14 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def reference_seeds(surrogate_seed: int) -> tuple[int, ...]:
+    """Training seeds of the Subspace attack's reference models: ``surrogate_seed`` and the next ones
+    (:data:`rnd_jax.attacks.registry.SURROGATE_OFFSETS`, counted from P-RGF's surrogate)."""
+    from rnd_jax.attacks.registry import SURROGATE_OFFSETS
+
+    return tuple(surrogate_seed + o - SURROGATE_OFFSETS[0] for o in SURROGATE_OFFSETS)
+
+
 def _positive_int(name, v):
     if v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v}")
@@ -123,7 +132,8 @@ def _placeholder_context(ds) -> Context:
     shape = ds.image_shape
     return Context(train_images=np.zeros((ds.num_classes,) + shape, np.float32),
                    train_labels=np.arange(ds.num_classes, dtype=np.int32), num_classes=ds.num_classes,
-                   surrogate=lambda x, keys: None, autoencoder=autoencoder.placeholder(shape))
+                   surrogate=lambda x, keys: None, surrogates=(lambda x, keys: None,),
+                   autoencoder=autoencoder.placeholder(shape))
 
 
 def attack_config(name: str, targeted: bool, eps: dict | None = None, dataset: str = "digits") -> dict:
@@ -234,6 +244,10 @@ def configure(args, given: set[str] = frozenset()) -> dict:
             raise ValueError(f"--max-queries {budget} is smaller than one step of {name} ({attack.cost} queries)")
         runs.append({"attack": name, "config": cfg, "budget": budget, "cost": attack.cost, "output": attack.output,
                      "needs": list(spec.needs)})
+    refs = reference_seeds(args.surrogate_seed)
+    if any("surrogates" in r["needs"] for r in runs) and surrogate_model == model_name and args.train_seed in refs:
+        raise ValueError(f"the reference models (seeds {list(refs)}) must be trained separately: give a "
+                         "--surrogate-seed that keeps --train-seed out of them, or another --surrogate-model")
     if not runs:
         raise ValueError(f"none of {names} supports {'targeted' if args.targeted else 'untargeted'} attacks")
     cfg = {
@@ -309,13 +323,15 @@ def main(argv=None) -> dict:
     targeted = cfg["goal"] == "targeted"
     grid = [tuple(c) for c in cfg["cells"]]
     needs_surrogate = any("surrogate" in r["needs"] for r in cfg["attacks"])
+    needs_refs = any("surrogates" in r["needs"] for r in cfg["attacks"])
     run_ = setup(args, cfg, train_split=True, surrogate_seed=args.surrogate_seed if needs_surrogate else None,
                  surrogate_model=cfg["surrogate_model"],
+                 surrogate_seeds=reference_seeds(args.surrogate_seed) if needs_refs else None,
                  autoencoder=any("autoencoder" in r["needs"] for r in cfg["attacks"]))
     out, show, t_start, clean = run_.out, run_.show, run_.t_start, run_.clean
     x_test, y_test, acc_clean, k_def_acc = run_.x_test, run_.y_test, run_.acc_clean, run_.k_def_acc
     ctx = Context(train_images=run_.x_train, train_labels=run_.y_train, num_classes=cfg["num_classes"],
-                  surrogate=run_.surrogate, autoencoder=run_.autoencoder)
+                  surrogate=run_.surrogate, surrogates=run_.surrogates, autoencoder=run_.autoencoder)
     sel = select_images(run_.k_data, clean, x_test, y_test, cfg["n_images"], targeted, cfg["num_classes"])
     keys = image_keys(run_.k_attack, run_.k_def_images, sel.index)
     protocols, attacks = {}, {}

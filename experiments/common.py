@@ -282,7 +282,8 @@ def open_run(out: Path, cfg: dict) -> RunLog:
 
 
 def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | None = None,
-          surrogate_model: str | None = None, autoencoder: bool = False) -> SimpleNamespace:
+          surrogate_model: str | None = None, autoencoder: bool = False,
+          surrogate_seeds: tuple[int, ...] | None = None) -> SimpleNamespace:
     """The start every attack experiment shares, after its options are validated.
 
     Checks ``args.out`` (nothing is created: :func:`open_run` does it once the run is valid); derives
@@ -293,7 +294,8 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     ``args.train_seed`` (recorded in ``cfg["train"]``); loads the test split (and the training split
     with ``train_split``), a surrogate trained with ``surrogate_seed`` when given, and with ``autoencoder`` the
     decoder of the dataset's autoencoder (:mod:`rnd_jax.autoencoder`, default config, recorded in
-    ``cfg["autoencoder_train"]``).
+    ``cfg["autoencoder_train"]``); with ``surrogate_seeds``, one model of ``surrogate_model`` trained with each
+    seed (``surrogates``: the Subspace attack's reference models, recorded in ``cfg["surrogates_train"]``).
     """
     import jax
     import numpy as np
@@ -336,6 +338,16 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
                                                 cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
         cfg["surrogate_train"] = dataclasses.asdict(sur_cfg)
         surrogate = model_scorer(s_model, s_params)
+    surrogates = None
+    if surrogate_seeds is not None:
+        refs, cfg["surrogates_train"] = [], []
+        for seed in surrogate_seeds:
+            ref_cfg = train.TrainConfig(seed=seed)
+            r_model, r_params = train.load_or_train(surrogate_model or cfg["model"], cfg["dataset"], ref_cfg,
+                                                    cache_dir=args.cache_dir, data_dir=args.data_dir, progress=show)
+            cfg["surrogates_train"].append(dataclasses.asdict(ref_cfg))
+            refs.append(model_scorer(r_model, r_params))
+        surrogates = tuple(refs)
     decoder = None
     if autoencoder:
         from rnd_jax import autoencoder as ae
@@ -344,7 +356,7 @@ def setup(args, cfg: dict, *, train_split: bool = False, surrogate_seed: int | N
     return SimpleNamespace(out=out, show=show, t_start=t_start, k_data=k_data, k_attack=k_attack,
                            k_def_images=k_def_images, k_def_acc=k_def_acc, model=model, params=params,
                            clean=clean, x_test=x_test, y_test=y_test, x_train=x_train, y_train=y_train,
-                           acc_clean=acc_clean, surrogate=surrogate, autoencoder=decoder)
+                           acc_clean=acc_clean, surrogate=surrogate, surrogates=surrogates, autoencoder=decoder)
 
 
 def clean_json(obj):

@@ -301,9 +301,11 @@ _add({
 
 _add({
     "name": "snd_table3",
-    "description": "untargeted decision- and score-based l2 attacks x input noise nu at 5K / 10K / 20K (SND Table 3)",
+    "description": "untargeted decision- and score-based l2 attacks (and the l_inf Subspace attack) x input noise nu "
+                   "at 5K / 10K / 20K (SND Table 3, Sec. 4.8)",
     "attacks": ["signopt", "hsja", "geoda", "simba_pixel", "simba_dct", {"name": "bandits_td",
-                                                                        "config": {"norm": "l2"}}],
+                                                                        "config": {"norm": "l2"}},
+                {"name": "subspace", "config": {"norm": "linf"}}],
     "defenses": [{"name": "input_noise", "levels": SND_NUS}],
     "targeted": False, "budgets": [20_000], "n_images": 10, "acc_draws": 20, "tap": True,
     "smoke": {"attacks": ["simba_dct"], "n_images": 3, "budgets": [300], "acc_draws": 4,
@@ -316,7 +318,12 @@ _add({
               "note": _SND + "Every query is seen on the host (tap), so each image runs alone (the batched run's "
                       "keys and queries). Differs: digits (ImageNet, ResNet-50); 10 images (250); l2 eps 1.0 (5.0 on "
                       "224x224x3); l2_query at the full budget only (the paper gives it at each budget); the PGD-AT "
-                      "and R&P rows are not in the registry yet."},
+                      "and R&P rows are not in the registry yet. Subspace (the hybrid attack of Sec. 4.8, whose "
+                      "results the paper gives in its supplement): l_inf as in the paper (the authors give settings "
+                      "for l_inf only), at the grids' untargeted l_inf eps 0.15, with two reference models that are "
+                      "digits_cnn trained with other seeds (train_seed + 1, + 2; the paper: pre-trained ResNet-18 and "
+                      "ResNet-34), 20 000 queries like the rest; not in the smoke size (its two reference models "
+                      "would be trained first)."},
 })
 
 _add({
