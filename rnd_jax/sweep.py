@@ -139,7 +139,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.tree_util import Partial
 from jax.sharding import PartitionSpec as P
 
-from rnd_jax import data, models, pytree, train
+from rnd_jax import autoencoder, data, models, pytree, train
 from rnd_jax.attacks import ATTACKS, Context, get_spec
 from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
@@ -671,11 +671,13 @@ def _attack_config(cell: dict) -> dict:
 
 
 def _probe_context(ds: dict, data_dir) -> Context:
-    """A Context with the real training pool and a stand-in surrogate (attacks are built, never run)."""
+    """A Context with the real training pool, a stand-in surrogate and an untrained autoencoder of the dataset's
+    shapes (attacks are built, never run)."""
     info = data.info(ds)
     x, y = data.load(ds, "train", data_dir=data_dir)
     return Context(jnp.asarray(x), jnp.asarray(y), info.num_classes, surrogate=lambda xx, kk: None,
-                   surrogates=(lambda xx, kk: None,))
+                   surrogates=(lambda xx, kk: None,),
+                   autoencoder=autoencoder.placeholder(info.image_shape))
 
 
 def plan(cells: list[Cell], data_dir=None, sweeper: "Sweeper | None" = None, train_models: bool = False,
@@ -692,7 +694,7 @@ def plan(cells: list[Cell], data_dir=None, sweeper: "Sweeper | None" = None, tra
     make it (so too few correctly classified images, overall or of a class when ``balanced``, fail
     here); otherwise ``n_images`` is bounded by the test split (per class when ``balanced``) and
     ``log`` says that the exact count waits for the trained model. With ``train_models`` the
-    surrogate models of the attacks that need one are loaded (or trained) too.
+    surrogate models and autoencoders of the attacks that need one are loaded (or trained) too.
     """
     out, contexts, attacks, defenses = {}, {}, {}, {}
     for cell in cells:
@@ -762,7 +764,7 @@ def _check_images(cells: list[Cell], data_dir, sweeper, train_models: bool, log)
             try:
                 sweeper.selection(c)
                 needs = get_spec(c["attack"]["name"]).needs
-                if train_models and {"surrogate", "surrogates"} & set(needs):  # its other models too, before any cell
+                if train_models and {"surrogate", "surrogates", "autoencoder"} & set(needs):  # before any cell runs
                     sweeper.context(c, needs)
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
@@ -1131,10 +1133,11 @@ class Sweeper:
     def context(self, c: dict, needs) -> Context:
         from rnd_jax.attacks.registry import SURROGATE_OFFSETS
 
-        k = (c["dataset"], c["model"], c["train_seed"], "surrogate" in needs, "surrogates" in needs)
+        k = (c["dataset"], c["model"], c["train_seed"], "surrogate" in needs, "autoencoder" in needs,
+             "surrogates" in needs)
         if k not in self._ctx:
             x, y = data.load(c["dataset"], "train", data_dir=self.data_dir)
-            surrogate = None
+            surrogate = decoder = None
             if "surrogate" in needs:
                 sm, sp = self._load(c["model"], c["dataset"], c["train_seed"] + 1)
                 surrogate = model_scorer(sm, sp)
@@ -1142,8 +1145,16 @@ class Sweeper:
             if "surrogates" in needs:  # the reference models (Subspace): separately trained, other seeds
                 surrogates = tuple(model_scorer(*self._load(c["model"], c["dataset"], c["train_seed"] + o))
                                    for o in SURROGATE_OFFSETS)
+            if "autoencoder" in needs:  # the attacker's autoencoder of the training split (default config)
+                if jax.process_count() > 1 and autoencoder.read_meta(c["dataset"], cache_dir=self.cache_dir) is None:
+                    raise ValueError(f"the {c['dataset']} autoencoder is not in the checkpoint cache: with several "
+                                     f"processes it must be trained beforehand (run the grid once without "
+                                     f"--distributed, e.g. its --smoke size, with the same --cache-dir)")
+                decoder = autoencoder.load_decoder(c["dataset"], cache_dir=self.cache_dir, data_dir=self.data_dir,
+                                                   progress=self.progress)
             self._ctx[k] = Context(jnp.asarray(x), jnp.asarray(y), data.info(c["dataset"]).num_classes, surrogate,
-                                   surrogates=surrogates)
+                                   surrogates=surrogates,
+                                   autoencoder=decoder)
         return self._ctx[k]
 
     def selection(self, c: dict):
