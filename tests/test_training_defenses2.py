@@ -7,6 +7,7 @@ by the tests of this module; the noise-statistics tests use a one-layer model at
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -36,10 +37,10 @@ def test_batch(digits_test):
     return jnp.asarray(x[:100]), jnp.asarray(y[:100])
 
 
-def _pgd(model, params, x, y, steps=10):
-    run = jax.jit(lambda p, xx, yy: train.pgd_attack(lambda z, i: model.apply({"params": p}, z), xx, yy,
-                                                      jax.random.key(3), EPS, steps, EPS / 4))
-    return run(params, x, y)
+@functools.partial(jax.jit, static_argnums=0)
+def _pgd(model, params, x, y):
+    """10 steps of l_inf PGD at EPS (one compiled program for both models: they are equal modules)."""
+    return train.pgd_attack(lambda z, i: model.apply({"params": params}, z), x, y, jax.random.key(3), EPS, 10, EPS / 4)
 
 
 def _ce(model, params, x, y):
@@ -52,7 +53,7 @@ def _ce(model, params, x, y):
 def test_pgd_inner_attack_increases_the_loss_within_the_ball(digits_model, test_batch):
     model, params = digits_model
     x, y = test_batch
-    xa = _pgd(model, params, x, y, steps=5)
+    xa = _pgd(model, params, x, y)
     clean, adv = _ce(model, params, x, y), _ce(model, params, xa, y)
     assert float(jnp.abs(xa - x).max()) <= EPS + 1e-6 and float(xa.min()) >= 0 and float(xa.max()) <= 1
     assert bool(jnp.all(adv >= clean - 1e-5)), "a PGD step lowered some example's loss"
@@ -89,12 +90,20 @@ def test_gf_loss_is_the_log_of_the_monte_carlo_mean_of_probabilities(digits_mode
     assert loss == pytest.approx(want, rel=1e-5)
     # it is not the mean cross-entropy of the draws (Jensen), which is larger
     assert float(np.mean(-np.log(probs[:, np.arange(8), np.asarray(y)]))) > loss
+
+
+@pytest.mark.slow
+def test_gf_loss_with_many_draws_is_minus_log_of_the_expected_probability(digits_model, test_batch):
+    model, params = digits_model
+    x, y = test_batch[0][:2], test_batch[1][:2]
+    f = lambda z, m: model.apply({"params": params}, z)  # noqa: E731
+    nu = 0.3
     # many draws: -log E[F(x + delta)]_y of an independent Monte-Carlo estimate, within its standard error
-    n = 1000
-    big = float(jax.jit(lambda k: train.gf_loss(f, x[:2], y[:2], k, nu, n))(jax.random.key(6)))
+    n = 4000
+    big = float(jax.jit(lambda k: train.gf_loss(f, x, y, k, nu, n))(jax.random.key(6)))
     z = x[:2, None] + nu * jax.random.normal(jax.random.key(7), (2, n) + x.shape[1:])
     py = np.asarray(jax.nn.softmax(f(z.reshape((2 * n,) + x.shape[1:]), 0)), np.float64).reshape(2, n, -1)
-    py = py[np.arange(2), :, np.asarray(y[:2])]  # [2, n]: p_y of each draw
+    py = py[np.arange(2), :, np.asarray(y)]  # [2, n]: p_y of each draw
     mean, se = py.mean(1), py.std(1) / math.sqrt(n)
     # both estimates carry a Monte-Carlo error of about se / mean in the log
     assert big == pytest.approx(float(np.mean(-np.log(mean))), abs=float(np.mean(se / mean)) * 5 * math.sqrt(2) + 1e-4)
