@@ -30,8 +30,10 @@ XLA's default level with about the same run time)::
     python -m experiments.attack_zoo --out runs/attack_zoo
 
 Outputs under ``--out``: ``results.json`` (config, one row per attack x cell, per-image records;
-the same seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_noise.png``
-and ``timing.json`` (wall-clock seconds per cell, kept apart so results stay reproducible).
+the same seed gives a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_noise.png``,
+``asr_vs_queries-<attack>.png`` (success vs queries per defense cell), ``artifacts/<attack>-<defense>-<level>.npz``
+(each row's final points, traces and per-image records: :mod:`rnd_jax.artifacts`) and ``timing.json``
+(wall-clock seconds per cell, kept apart so results stay reproducible).
 ``rows.jsonl`` holds each (attack, cell) row as soon as it is finished: a killed run, started again
 with the same options, skips those rows and ends with the same ``results.json``.
 """
@@ -42,6 +44,7 @@ import argparse
 import functools
 import sys
 import time
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +54,7 @@ from experiments.common import (add_model_args, add_protocol_args, add_run_args,
                                 cli, dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
                                 write_json, write_timing)
 from rnd_jax import autoencoder, models, plots, pytree
+from rnd_jax import artifacts
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level, input_noise, output_noise
 from rnd_jax.evaluate import (Protocol, cell_inputs, defended_accuracy, image_keys, make_runner, run_cell, select_images,
@@ -368,7 +372,9 @@ def main(argv=None) -> dict:
                 runner = level_runner(attack, clean, protocol, sel, keys, options)
                 timing[f"{name}/compile"] = time.time() - t0
             t0 = time.time()
-            metrics, records = run_cell(runner(levels(d, v)), sel, keys, protocol)
+            keep = {}
+            metrics, records = run_cell(runner(levels(d, v)), sel, keys, protocol, keep=keep, clean=clean)
+            artifacts.write(artifact_file(out, name, d, v), keep)  # before the row is logged
             row = {"attack": name, "goal": cfg["goal"], "defense": d, "level": v, "norm": protocol.norm,
                    "eps": protocol.eps, "budget": protocol.budget, **metrics}
             row.update(acc_clean=acc_clean, acc_defended_mean=accuracy[(d, v)][0],
@@ -401,8 +407,22 @@ def main(argv=None) -> dict:
     plot_zoo(rows, out / "asr_vs_noise.png",
              f"{cfg['goal']} score attacks vs randomized defenses on {cfg['dataset']}/{cfg['model']} "
              f"({cfg['n_images']} images)")
+    kept = {f"{r['attack']} vs {r['defense']}@{r['level']:g}": artifact_file(out, r["attack"], r["defense"], r["level"])
+            for r in rows}
+    kept = {k: artifacts.read(f) for k, f in kept.items() if f.exists()}
+    by_attack = {}
+    for k, a in kept.items():
+        by_attack.setdefault(k.split(" vs ")[0], {})[k.split(" vs ")[1]] = (a["queries"], a["success"])
+    for name, series in by_attack.items():
+        plots.success_vs_queries(series, protocols[name].budget, out / f"asr_vs_queries-{name}.png",
+                           f"{name} ({cfg['goal']}) on {cfg['dataset']}/{cfg['model']}")
     write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
+
+
+def artifact_file(out: Path, attack: str, defense: str, level: float) -> Path:
+    """The artifact of one (attack, defense, level) row: ``artifacts/<attack>-<defense>-<level>.npz``."""
+    return out / artifacts.ARTIFACTS / f"{attack}-{defense}-{level:g}.npz"
 
 
 if __name__ == "__main__":

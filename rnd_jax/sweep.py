@@ -139,18 +139,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.tree_util import Partial
 from jax.sharding import PartitionSpec as P
 
-from rnd_jax import autoencoder, data, models, pytree, train
+from rnd_jax import artifacts, autoencoder, data, metric_log, models, pytree, train
 from rnd_jax.attacks import ATTACKS, Context, get_spec
 from rnd_jax.attacks.adaptive import eot as eot_wrap
 from rnd_jax.attacks.registry import BATTERY_EPS
 from rnd_jax.calibrate import calibrate
 from rnd_jax.compact import compacted
 from rnd_jax.defenses import DEFENSES, FEATURE_STD, build_defense, check_level, model_scorer, with_feature_std
-from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, defended_accuracy, image_keys, make_runner,
-                              make_tapped_runner, per_image, run_tapped, select_images, successes, summarize,
-                              validate_selection)
+from rnd_jax.evaluate import (Chunked, Protocol, QueryTap, check_success, compile_runner, defended_accuracy,
+                              image_keys,
+                              make_chunked_runner, make_runner, make_tapped_runner, per_image, run_tapped,
+                              select_images, successes, summarize, validate_selection)
 from rnd_jax.evaluate import predict as evaluate_predict
-from rnd_jax.oracle import Oracle
+from rnd_jax.oracle import Oracle, query_keys
 
 __all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "check_record", "expand", "flat", "load_grid",
            "missing_attacks", "plan", "read_results", "resolve", "root_key", "run_sweep", "without_attacks",
@@ -1102,8 +1103,8 @@ class Sweeper:
     def _load(self, name: str, dataset: str, seed: int, options: dict | None = None):
         """(model, params) from the checkpoint cache, trained first if missing (one process only: under
         ``jax.distributed`` every model must be in the cache already; each process restores it onto its
-        own first device, :func:`rnd_jax.train.load_or_train`)."""
-        tcfg = train.TrainConfig(seed=seed)
+        own first device, :func:`rnd_jax.train.load_or_train`). ``options``: the cell's ``train`` fields."""
+        tcfg = train.TrainConfig(seed=seed, **(options or {}))
         if jax.process_count() > 1 and not (train.cache_path(name, dataset, tcfg, self.cache_dir)
                                             / "meta.json").exists():
             raise ValueError(f"model {name!r} ({dataset}, train seed {seed}) is not in the checkpoint cache "
@@ -1271,31 +1272,56 @@ class Sweeper:
 
     def run(self, cell: Cell, info: dict | None = None) -> dict:
         """Run one cell of the protocol; returns its result record (deterministic, JSON-ready)."""
+        return self.run_cell(cell)[0]
+
+    def run_cell(self, cell: Cell, positions=None, chunk: int | None = None, snapshot=None,
+                 on_chunk: Callable[[dict], Any] | None = None) -> tuple[dict, dict]:
+        """Run one cell: ``(record, arrays)``, the result record and the cell's artifact arrays
+        (:func:`rnd_jax.artifacts.cell_arrays`).
+
+        ``positions``: run only these images of the cell's selection (positions in it), each with the keys it
+        has in the whole cell (replay of single images: an image alone does what it did in the batch).
+        ``chunk``: run at most ``chunk`` attack steps per image per program call (:class:`Chunked`); after each
+        call the carry is saved to ``snapshot`` (a path; :func:`rnd_jax.artifacts.save_carry`) when given, a
+        snapshot found there is resumed from, and ``on_chunk`` receives the chunk's progress (a dict).
+        """
         c = cell.d
         attack, cfg = self.attack(c)
         protocol = self.protocol(c, cfg)
         level, calib = self.level(c)
         sel = self.selection(c)
-        model, params, clean, _, _ = self.model(c)
         defended = self._defense(c, level)
         validate_selection(attack, Oracle(defended, attack.output), protocol, sel)
         k_attack, k_defense = jax.random.split(cell_key(cell))
         keys = image_keys(k_attack, k_defense, sel.index)
+        if positions is not None:
+            positions = np.asarray(positions, np.int64).reshape(-1)
+            if not len(positions) or positions.min() < 0 or positions.max() >= len(sel.labels):
+                raise ValueError(f"image positions must be in 0..{len(sel.labels) - 1} (the cell attacks "
+                                 f"{len(sel.labels)} images), got {positions.tolist()}")
+            sel = sel._replace(index=sel.index[positions], images=sel.images[positions],
+                               labels=sel.labels[positions], targets=sel.targets[positions])
+            keys = tuple(k[positions] for k in keys)
         lvl = np.asarray(level if isinstance(level, float) else 0.0, np.float32)
         taps = {}
         if c["protocol"].get("tap"):
             fn, tap = self.tapped_runner(c, attack, protocol, level)
             res, votes, clean_pred, taps = run_tapped(fn, tap, sel, keys, protocol, level=lvl)
+            kc = np.asarray(jax.random.key_data(keys[2]))
+            scores = self._final_scores(c, level)(lvl, res.x_adv, kc)
         else:
             ka, kd, kc = (np.asarray(jax.random.key_data(k)) for k in keys)
             n = len(sel.labels)
             n_pad = -(-n // self.n_devices) * self.n_devices
-            fn = self.runner(c, attack, protocol, level, n_pad)
             args = self._place([sel.images, sel.labels, sel.targets, ka, kd, kc], n_pad)
             lvl = jax.make_array_from_callback((), NamedSharding(self.mesh, P()), lambda idx: lvl[idx])
-            res, votes, clean_pred = jax.block_until_ready(fn(lvl, *args))
-            res = jax.tree.map(lambda a: np.asarray(a)[:n], res)
-            votes, clean_pred = np.asarray(votes)[:n], np.asarray(clean_pred)[:n]
+            if chunk is None:
+                fn = self.runner(c, attack, protocol, level, n_pad)
+                out = fn(lvl, *args)
+            else:
+                out = self._run_chunked(cell, attack, protocol, level, n_pad, lvl, args, n, chunk, snapshot,
+                                        on_chunk)
+            res, votes, clean_pred, *scores = jax.tree.map(lambda a: np.asarray(a)[:n], jax.block_until_ready(out))
         metrics = summarize(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
                             protocol.norm)
         metrics.update(taps)
@@ -1304,9 +1330,136 @@ class Sweeper:
                        protocol.norm)
         for kind, flags in ok.items():
             images[success_key(kind)] = flags.tolist()
-        return {"id": cell.id, "label": cell.label, "cell": c, "level": level, "calibration": calib,
-                "attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost), "metrics": metrics,
-                "defended": self.defended_accuracy(c, level), "images": images}
+        arrays = artifacts.cell_arrays(cell.id, sel, res, votes, clean_pred, *scores,
+                                       {success_key(k): v for k, v in ok.items()})
+        record = {"id": cell.id, "label": cell.label, "cell": c, "level": level, "calibration": calib,
+                  "attack_config": _canon(dataclasses.asdict(cfg)), "cost": int(attack.cost), "metrics": metrics,
+                  "defended": self.defended_accuracy(c, level), "images": images}
+        return record, arrays
+
+    def watch_image(self, cell: Cell, position: int, tap: QueryTap):
+        """Run image ``position`` of the cell's selection alone through a tapped runner that reports every query
+        of the attack to ``tap`` (:class:`rnd_jax.evaluate.QueryTap` or a subclass): ``(Result, vote, clean_pred)``
+        of that image. ``RuntimeError`` if the tap saw another number of points than the driver counted."""
+        c = cell.d
+        attack, cfg = self.attack(c)
+        protocol = self.protocol(c, cfg)
+        level, _ = self.level(c)
+        sel = self.selection(c)
+        if not 0 <= position < len(sel.labels):
+            raise ValueError(f"image position must be in 0..{len(sel.labels) - 1}, got {position}")
+        spec = self._defense_spec(c, level)
+        _, _, clean, _, _ = self.model(c)
+        fn = compile_runner(make_tapped_runner(attack, Partial(_defended_at, spec), clean, protocol, tap))
+        k_attack, k_defense = jax.random.split(cell_key(cell))
+        keys = [k[position] for k in image_keys(k_attack, k_defense, sel.index)]
+        lvl = np.asarray(level if isinstance(level, float) else 0.0, np.float32)
+        tap.reset()
+        out = jax.block_until_ready(fn(lvl, sel.images[position], sel.labels[position], sel.targets[position], *keys))
+        jax.effects_barrier()
+        res = jax.tree.map(np.asarray, out[0])
+        asked = int(res.queries) - (int(res.check_queries) if protocol.count_checks else 0)
+        if tap.n != asked:
+            raise RuntimeError(f"the model was asked {tap.n} points; the driver counted {asked}")
+        return res, np.asarray(out[1]), np.asarray(out[2])
+
+    def reevaluate(self, cell: Cell, arrays: dict, defense: str, level, options: dict | None = None) -> dict:
+        """Judge a cell's stored final points (its artifact ``arrays``) against another defense, without
+        re-attacking: the protocol's ``check_queries`` fresh answers of ``defense`` at ``level`` per image, from
+        the image's own check stream (so the cell's own defense and level give back its stored votes).
+
+        Returns ``asr`` (majority of the checks, within the cell's eps), ``asr_clean``, the mean vote, and the
+        per-image ``check_votes`` / ``success``."""
+        c = cell.d
+        attack, cfg = self.attack(c)
+        protocol = self.protocol(c, cfg)
+        model, params, clean, x, _ = self.model(c)
+        options = dict(options or {})
+        defended = build_defense(defense, model, params, level, tuple(np.shape(x)[1:]), **options)  # validated
+        x_adv = np.asarray(arrays["x_adv"], np.float32)
+        index, labels, targets = (np.asarray(arrays[k], np.int32) for k in ("index", "label", "target"))
+        k_attack, k_defense = jax.random.split(cell_key(cell))
+        kc = image_keys(k_attack, k_defense, index)[2]
+        votes = np.asarray(pytree.call(Partial(_votes, defended, attack.targeted, protocol.check_queries),
+                                       x_adv, labels, targets, kc))
+        clean_pred = evaluate_predict(clean, x_adv)
+        sel = self.selection(c)
+        pos = {int(i): k for k, i in enumerate(sel.index)}
+        if any(int(i) not in pos for i in index):
+            raise ValueError(f"the artifact's images are not those cell {cell.id} selects")
+        x0 = sel.images[[pos[int(i)] for i in index]]
+        d = (x_adv - x0).reshape(len(index), -1)
+        if protocol.eps is None:
+            within = np.ones(len(index), bool)
+        else:
+            dist = np.abs(d).max(1) if protocol.norm == "linf" else np.linalg.norm(d, axis=1)
+            within = dist <= protocol.eps + 1e-5
+        ok = (votes * protocol.check_queries > protocol.check_queries / 2) & within
+        fooled = (clean_pred == targets) if protocol.targeted else (clean_pred != labels)
+        return {"id": cell.id, "label": cell.label, "defense": defense, "level": level, "options": options,
+                "n_images": int(len(index)), "asr": float(ok.mean()), "asr_clean": float((fooled & within).mean()),
+                "vote_mean": float(votes.mean()), "check_votes": votes.tolist(), "success": ok.tolist()}
+
+    def _final_scores(self, c: dict, level):
+        """The compiled ``(level, x_adv, kc) -> (defended scores at check query 0, clean scores)`` of a cell."""
+        spec = self._defense_spec(c, level)
+        k = ("scores", c["dataset"], c["model"], c["train_seed"], spec.name, json.dumps(spec.options, sort_keys=True),
+             None if spec.traced else json.dumps(level))
+        if k not in self._runners:
+            _, _, clean, _, _ = self.model(c)
+            compiled = pytree.jit(_scores_at)
+            self._runners[k] = lambda *args: compiled((spec, clean), *args)
+        return self._runners[k]
+
+    def _run_chunked(self, cell: Cell, attack, protocol: Protocol, level, n_pad: int, lvl, args, n: int,
+                     chunk: int, snapshot, on_chunk):
+        """The cell's run as :class:`Chunked` pieces, snapshotting (and resuming) the carry between them."""
+        c = cell.d
+        spec = self._defense_spec(c, level)
+        k = ("chunked", c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True),
+             c["targeted"], spec.name, json.dumps(spec.options, sort_keys=True),
+             None if spec.traced else json.dumps(level), protocol, n_pad, int(chunk))
+        if k not in self._runners:
+            _, _, clean, _, _ = self.model(c)
+            bundle = _replicate((attack, spec, clean, protocol, int(chunk)), NamedSharding(self.mesh, P()))
+            fns = [pytree.jit(f) for f in (_chunk_start, _chunk_advance, _chunk_going, _chunk_end)]
+            self._runners[k] = [Partial(_bound, f, bundle) for f in fns]
+        start_fn, advance_fn, going_fn, end_fn = self._runners[k]
+        x0, labels, targets, ka, kd, kc = args
+        carry = start_fn(lvl, x0, labels, targets, ka)
+        done_chunks = 0
+        found = None if snapshot is None else artifacts.load_carry(snapshot, carry)
+        if found is not None:
+            restored, meta = found
+            if meta.get("cell") != cell.id:
+                raise ValueError(f"snapshot {snapshot} belongs to cell {meta.get('cell')!r}, not {cell.id!r}")
+            carry = jax.tree.map(lambda a, ref: jax.device_put(a, ref.sharding), restored, carry)
+            done_chunks = int(meta["chunks"])
+        while bool(np.any(np.asarray(going_fn(lvl, carry)))):
+            carry = advance_fn(lvl, carry, kd, kc)
+            done_chunks += 1
+            if snapshot is not None:
+                artifacts.save_carry(snapshot, carry, {"cell": cell.id, "chunks": done_chunks, "chunk": int(chunk)})
+            if on_chunk is not None:
+                on_chunk(_chunk_progress(cell, carry, n, done_chunks, resumed=found is not None))
+        return end_fn(lvl, carry, labels, targets, kc)
+
+
+def _votes(defended, targeted, m, x_adv, labels, targets, kc):
+    return check_success(defended, x_adv, labels, targets, kc, targeted, m)
+
+
+def _bound(fn, bundle, *args):
+    return fn(bundle, *args)
+
+
+def _chunk_progress(cell: Cell, carry, n: int, chunks: int, resumed: bool) -> dict:
+    """Per-chunk progress of a chunked cell (host numbers, for the metric log)."""
+    q = np.asarray(carry.queries)[:n]
+    claimed = np.asarray(carry.claimed)[:n]
+    return {"id": cell.id, "label": cell.label, "chunk": chunks, "resumed": resumed,
+            "steps_max": int(np.max(np.asarray(carry.state.step)[:n])), "queries_mean": float(q.mean()),
+            "queries_max": int(q.max()), "claimed": float(claimed.mean())}
 
 
 def _replicate(tree, sharding):
@@ -1351,7 +1504,38 @@ def _sweep_runner(bundle, lvl, x0, labels, targets, ka, kd, kc):
     attack, spec, clean, protocol = bundle
     defended = compacted(_defended_at(spec, lvl))  # finished images cost no model (or noise) time
     keys = [jax.random.wrap_key_data(kk) for kk in (ka, kd, kc)]
-    return make_runner(attack, Oracle(defended, attack.output), clean, protocol)(x0, labels, targets, *keys)
+    out = make_runner(attack, Oracle(defended, attack.output), clean, protocol)(x0, labels, targets, *keys)
+    return (*out, *_scores_at((spec, clean), lvl, out[0].x_adv, kc))
+
+
+def _scores_at(bundle, lvl, x_adv, kc):
+    """(defended answer at ``x_adv`` for check query 0 of each image, clean probabilities at ``x_adv``)."""
+    spec, clean = bundle
+    keys = jax.vmap(lambda k: query_keys(jax.random.wrap_key_data(k), 0, 1)[0])(kc)
+    return _defended_at(spec, lvl)(x_adv, keys), clean(x_adv, None)
+
+
+def _chunked(bundle, lvl) -> Chunked:
+    attack, spec, clean, protocol, steps = bundle
+    defended = compacted(_defended_at(spec, lvl))
+    return make_chunked_runner(attack, Oracle(defended, attack.output), clean, protocol, steps)
+
+
+def _chunk_start(bundle, lvl, x0, labels, targets, ka):
+    return _chunked(bundle, lvl).start(x0, labels, targets, jax.random.wrap_key_data(ka))
+
+
+def _chunk_advance(bundle, lvl, carry, kd, kc):
+    return _chunked(bundle, lvl).advance(carry, jax.random.wrap_key_data(kd), jax.random.wrap_key_data(kc))
+
+
+def _chunk_going(bundle, lvl, carry):
+    return _chunked(bundle, lvl).going(carry)
+
+
+def _chunk_end(bundle, lvl, carry, labels, targets, kc):
+    out = _chunked(bundle, lvl).end(carry, labels, targets, jax.random.wrap_key_data(kc))
+    return (*out, *_scores_at(bundle[1:3], lvl, out[0].x_adv, kc))
 
 
 def success_key(kind: str) -> str:
@@ -1385,8 +1569,13 @@ def _agree(action: str | None) -> str:
     return ACTIONS[int(_broadcast([ACTIONS.index(action) if action is not None else 0])[0])]
 
 
+class OptionError(ValueError):
+    """A bad option of :func:`run_sweep` itself (raised before anything runs or is written)."""
+
+
 def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, progress: bool = True,
-              log: Callable[[str], Any] | None = None, sweeper: Sweeper | None = None) -> list[dict]:
+              log: Callable[[str], Any] | None = None, sweeper: Sweeper | None = None, keep_artifacts: bool = True,
+              chunk: int | None = None, metrics: str = "jsonl", writer=None) -> list[dict]:
     """Expand, validate, and run (resumably) every unfinished cell of ``grid``; records in cell order.
 
     ``grid``: a dict, a JSON file or a built-in name. Nothing runs (and ``out`` is not created)
@@ -1399,45 +1588,74 @@ def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, p
     holds is left for later, then waited for (and run here if that run dies). With several JAX processes
     (``jax.distributed``) every process runs every cell together; process 0 alone reads and writes ``out`` and
     claims cells, and tells the others which to run.
+
+    ``keep_artifacts``: write each cell's arrays to ``artifacts/<id>.npz`` (:mod:`rnd_jax.artifacts`) before
+    its record. ``chunk``: run each cell ``chunk`` attack steps per image at a time, snapshotting its carry to
+    ``snapshots/<id>.npz`` after each piece, so a killed run resumes inside the cell (one process only).
+    ``metrics``: the metric log (:func:`rnd_jax.metric_log.make_writer`: ``"jsonl"`` writes ``log.jsonl``,
+    ``"tensorboard"``, ``"none"``), or pass a ``writer`` object: each finished cell's metrics (kind
+    ``"cell"``) and, with ``chunk``, each piece's progress (kind ``"chunk"``).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if chunk is not None:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or not 1 <= chunk <= INT32_MAX:
+            raise OptionError(f"chunk must be an int in 1..{INT32_MAX} (attack steps per piece), got {chunk!r}")
+        if jax.process_count() > 1:
+            raise OptionError("chunked cells (snapshots inside a cell) run in one process only, not under "
+                             "jax.distributed")
+    if writer is None:
+        try:
+            metric_log.check_writer(metrics)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
     grid = resolve(load_grid(grid), size)
     cells = expand(grid)
     sweeper = sweeper or Sweeper(cache_dir, data_dir, progress=progress)
     plan(cells, data_dir, sweeper=sweeper, train_models=True, log=log)
     out = Path(out)
-    writer = _is_writer()
+    is_writer = _is_writer()
     path = out / RESULTS
-    folder = _Folder(out, log) if writer else None
-    if writer:
+    folder = _Folder(out, log) if is_writer else None
+    if is_writer:
         out.mkdir(parents=True, exist_ok=True)
         with folder.locked():
             folder.reload()
             _cut_partial_tail(out / TIMING)
             _write_json(out / "sweep.json", {"grid": grid, "size": size, "cells": [
                 {"id": c.id, "label": c.label, "cell": c.d} for c in cells]})
-    mask = _done_mask(cells, folder.done if writer else {})
+    own_writer = writer is None
+    if own_writer:
+        writer = metric_log.make_writer(metrics if _is_writer() else "none", out)
+    mask = _done_mask(cells, folder.done if is_writer else {})
     pending = [c for c, m in zip(cells, mask) if not m]
     log(f"sweep {grid.get('name', '')!r} ({size}): {len(cells)} cells, {len(cells) - len(pending)} already done, "
         f"{len(pending)} to run on {sweeper.n_devices} device(s); results in {path}")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc="cells", unit="cell",
-               disable=not (progress and writer), file=sys.stderr, dynamic_ncols=True)
+               disable=not (progress and is_writer), file=sys.stderr, dynamic_ncols=True)
     new = {}
 
     def attempt(cell: Cell, wait: bool) -> str:
-        action = _agree(folder.claim(cell, wait) if writer else None)
+        action = _agree(folder.claim(cell, wait) if is_writer else None)
         if action == "run":
             bar.set_postfix_str(cell.label[:60])
             t0 = time.time()
+            snapshot = artifacts.snapshot_path(out, cell.id) if chunk is not None else None
             try:
-                rec = sweeper.run(cell)
-                if writer:
+                on_chunk = (lambda p: writer.write("chunk", p["chunk"], p)) if chunk is not None else None
+                rec, arrays = sweeper.run_cell(cell, chunk=chunk, snapshot=snapshot, on_chunk=on_chunk)
+                if is_writer:
+                    if keep_artifacts:
+                        artifacts.write(artifacts.artifact_path(out, cell.id), arrays)
                     folder.record(rec, {"id": cell.id, "label": cell.label, "seconds": time.time() - t0,
                                         "devices": sweeper.n_devices})
+                    if snapshot is not None:
+                        snapshot.unlink(missing_ok=True)
+                    writer.write("cell", len(new), {"id": cell.id, "label": cell.label,
+                                                    "seconds": round(time.time() - t0, 3), **_scalars(rec)})
             finally:
-                if writer:
+                if is_writer:
                     folder.release(cell)
             new[cell.id] = _canon(_strict(rec))
         if action != "busy":
@@ -1452,8 +1670,20 @@ def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, p
             attempt(cell, wait=True)
     finally:
         bar.close()
-    if writer:
+        if own_writer:
+            writer.close()
+    if is_writer:
         with folder.locked():
             folder.refresh()
         return [folder.done.get(c.id) or new.get(c.id) for c in cells]
     return [new.get(c.id) for c in cells]
+
+
+def _scalars(rec: dict) -> dict:
+    """A record's metrics and defended accuracies as one flat dict of numbers (for the metric log)."""
+    out = {}
+    for group in ("metrics", "defended"):
+        for k, v in (rec.get(group) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = v
+    return out
