@@ -121,7 +121,7 @@ def test_model_sees_m_times_the_points_under_output_noise(clean_scorer, attack_s
 def context(clean_scorer):
     x, y = data.load("digits", "train")
     # any clean scorer will do as a transfer prior here: only the query counts are checked
-    return Context(train_images=x, train_labels=y, num_classes=10, surrogate=clean_scorer,
+    return Context(train_images=x, train_labels=y, num_classes=10, surrogate=clean_scorer, surrogates=(clean_scorer,),
                    autoencoder=autoencoder.placeholder((8, 8, 1)))  # an untrained decoder: only counts checked
 
 

@@ -207,8 +207,9 @@ def test_attacks_declare_their_pure_success_checks():
     from rnd_jax.attacks import ATTACKS, Context
 
     x, y = data.load("digits", "train")
-    ctx = Context(x, y, 10, surrogate=lambda xx, kk: None, autoencoder=autoencoder.placeholder((8, 8, 1)))
-    pure_check = {"nes", "zoo", "zoo_ae", "bandits_td", "nes_pi"}  # the answer at the current point is not in the estimate
+    ctx = Context(x, y, 10, surrogate=lambda xx, kk: None, surrogates=(lambda xx, kk: None,),
+                  autoencoder=autoencoder.placeholder((8, 8, 1)))
+    pure_check = {"nes", "zoo", "zoo_ae", "bandits_td", "nes_pi", "subspace"}  # the answer at the current point is not in the estimate
     for name, spec in ATTACKS.items():
         cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
         attack = make_attack(name, ctx, **cfg)
