@@ -407,12 +407,12 @@ def main(argv=None) -> dict:
     plot_zoo(rows, out / "asr_vs_noise.png",
              f"{cfg['goal']} score attacks vs randomized defenses on {cfg['dataset']}/{cfg['model']} "
              f"({cfg['n_images']} images)")
-    kept = {f"{r['attack']} vs {r['defense']}@{r['level']:g}": artifact_file(out, r["attack"], r["defense"], r["level"])
-            for r in rows}
-    kept = {k: artifacts.read(f) for k, f in kept.items() if f.exists()}
     by_attack = {}
-    for k, a in kept.items():
-        by_attack.setdefault(k.split(" vs ")[0], {})[k.split(" vs ")[1]] = (a["queries"], a["success"])
+    for r in rows:
+        f = artifact_file(out, r["attack"], r["defense"], r["level"])
+        if f.exists():
+            a = artifacts.read(f)
+            by_attack.setdefault(r["attack"], {})[f"{r['defense']}@{r['level']:g}"] = (a["queries"], a["success"])
     for name, series in by_attack.items():
         plots.success_vs_queries(series, protocols[name].budget, out / f"asr_vs_queries-{name}.png",
                            f"{name} ({cfg['goal']}) on {cfg['dataset']}/{cfg['model']}")

@@ -552,8 +552,13 @@ def _success(votes, m):
 
 
 def _within(sel, res, eps, norm):
-    d = (np.asarray(res.x_adv) - sel.images).reshape(len(sel.labels), -1)
+    return within_eps(res.x_adv, sel.images, eps, norm)
+
+
+def within_eps(x_adv, x0, eps: float | None, norm: str) -> np.ndarray:
+    """bool[n]: ``||x_adv - x0||_norm <= eps`` per image (1e-5 of float slack); all True for ``eps=None``."""
+    d = (np.asarray(x_adv) - np.asarray(x0)).reshape(len(x0), -1)
     if eps is None:
-        return np.ones(len(sel.labels), bool)
+        return np.ones(len(x0), bool)
     dist = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
     return dist <= eps + 1e-5

@@ -151,6 +151,7 @@ from rnd_jax.evaluate import (Chunked, Protocol, QueryTap, check_success, compil
                               make_chunked_runner, make_runner, make_tapped_runner, per_image, run_tapped,
                               select_images, successes, summarize, validate_selection)
 from rnd_jax.evaluate import predict as evaluate_predict
+from rnd_jax.evaluate import within_eps
 from rnd_jax.oracle import Oracle, query_keys
 
 __all__ = ["Cell", "GRID_KEYS", "SIZES", "Sweeper", "cell_key", "check_record", "expand", "flat", "load_grid",
@@ -1299,9 +1300,7 @@ class Sweeper:
             if not len(positions) or positions.min() < 0 or positions.max() >= len(sel.labels):
                 raise ValueError(f"image positions must be in 0..{len(sel.labels) - 1} (the cell attacks "
                                  f"{len(sel.labels)} images), got {positions.tolist()}")
-            sel = sel._replace(index=sel.index[positions], images=sel.images[positions],
-                               labels=sel.labels[positions], targets=sel.targets[positions])
-            keys = tuple(k[positions] for k in keys)
+            sel, keys = _pick(sel, keys, positions)
         lvl = np.asarray(level if isinstance(level, float) else 0.0, np.float32)
         taps = {}
         if c["protocol"].get("tap"):
@@ -1352,16 +1351,10 @@ class Sweeper:
         _, _, clean, _, _ = self.model(c)
         fn = compile_runner(make_tapped_runner(attack, Partial(_defended_at, spec), clean, protocol, tap))
         k_attack, k_defense = jax.random.split(cell_key(cell))
-        keys = [k[position] for k in image_keys(k_attack, k_defense, sel.index)]
-        lvl = np.asarray(level if isinstance(level, float) else 0.0, np.float32)
-        tap.reset()
-        out = jax.block_until_ready(fn(lvl, sel.images[position], sel.labels[position], sel.targets[position], *keys))
-        jax.effects_barrier()
-        res = jax.tree.map(np.asarray, out[0])
-        asked = int(res.queries) - (int(res.check_queries) if protocol.count_checks else 0)
-        if tap.n != asked:
-            raise RuntimeError(f"the model was asked {tap.n} points; the driver counted {asked}")
-        return res, np.asarray(out[1]), np.asarray(out[2])
+        one, keys = _pick(sel, image_keys(k_attack, k_defense, sel.index), np.asarray([position]))
+        res, votes, clean_pred, _ = run_tapped(fn, tap, one, keys, protocol,
+                                               level=np.asarray(level if isinstance(level, float) else 0.0, np.float32))
+        return jax.tree.map(lambda a: a[0], res), votes[0], clean_pred[0]
 
     def reevaluate(self, cell: Cell, arrays: dict, defense: str, level, options: dict | None = None) -> dict:
         """Judge a cell's stored final points (its artifact ``arrays``) against another defense, without
@@ -1387,13 +1380,7 @@ class Sweeper:
         pos = {int(i): k for k, i in enumerate(sel.index)}
         if any(int(i) not in pos for i in index):
             raise ValueError(f"the artifact's images are not those cell {cell.id} selects")
-        x0 = sel.images[[pos[int(i)] for i in index]]
-        d = (x_adv - x0).reshape(len(index), -1)
-        if protocol.eps is None:
-            within = np.ones(len(index), bool)
-        else:
-            dist = np.abs(d).max(1) if protocol.norm == "linf" else np.linalg.norm(d, axis=1)
-            within = dist <= protocol.eps + 1e-5
+        within = within_eps(x_adv, sel.images[[pos[int(i)] for i in index]], protocol.eps, protocol.norm)
         ok = (votes * protocol.check_queries > protocol.check_queries / 2) & within
         fooled = (clean_pred == targets) if protocol.targeted else (clean_pred != labels)
         return {"id": cell.id, "label": cell.label, "defense": defense, "level": level, "options": options,
@@ -1443,6 +1430,14 @@ class Sweeper:
             if on_chunk is not None:
                 on_chunk(_chunk_progress(cell, carry, n, done_chunks, resumed=found is not None))
         return end_fn(lvl, carry, labels, targets, kc)
+
+
+def _pick(sel, keys, positions):
+    """The images at ``positions`` of a selection, with their per-image keys (each keeps the keys it has in
+    the whole cell)."""
+    sel = sel._replace(index=sel.index[positions], images=sel.images[positions], labels=sel.labels[positions],
+                       targets=sel.targets[positions])
+    return sel, tuple(k[positions] for k in keys)
 
 
 def _votes(defended, targeted, m, x_adv, labels, targets, kc):
@@ -1625,7 +1620,7 @@ def run_sweep(grid, out, size: str = "default", cache_dir=None, data_dir=None, p
                 {"id": c.id, "label": c.label, "cell": c.d} for c in cells]})
     own_writer = writer is None
     if own_writer:
-        writer = metric_log.make_writer(metrics if _is_writer() else "none", out)
+        writer = metric_log.make_writer(metrics if is_writer else "none", out)
     mask = _done_mask(cells, folder.done if is_writer else {})
     pending = [c for c, m in zip(cells, mask) if not m]
     log(f"sweep {grid.get('name', '')!r} ({size}): {len(cells)} cells, {len(cells) - len(pending)} already done, "

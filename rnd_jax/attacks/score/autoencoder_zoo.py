@@ -61,8 +61,7 @@ from jax.tree_util import Partial
 
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
-from rnd_jax.attacks.score.autozoom import (AutoZOOMConfig, AutoZOOMInfo, AutoZOOMState, random_vector_estimate,
-                                            unit_directions)
+from rnd_jax.attacks.score.autozoom import AUTOZOOM_BAD, AutoZOOMConfig, AutoZOOMState, random_vector_step
 from rnd_jax.attacks.score.nes import is_adversarial, project
 from rnd_jax.attacks.score.zoo import ZOOConfig, ZOOInfo, margin_fn, objective, symmetric_difference
 
@@ -169,30 +168,15 @@ def autozoom_ae(cfg: AutoZOOMAEConfig, decoder: Any) -> Attack:
                              adam.init(delta))
 
     def step(decoder, state: AutoZOOMState, oracle):
-        u = unit_directions(jax.random.fold_in(state.key, state.step), cfg.q, latent)
-        probes = latent_point(decoder, state.delta[None] + beta * u, state.x0, cfg.eps, cfg.norm)
-        points = jnp.concatenate([state.x[None], probes])
-        probs = oracle(points)
-        c = cfg.c * 10.0 ** jnp.minimum(state.step // cfg.switch_iters, 8).astype(jnp.float32)
-        values = objective(probs, points, state.x0, state.cls, c, cfg.kappa, cfg.targeted)
-        success = is_adversarial(probs[0], state.cls, cfg.targeted)
-        g = random_vector_estimate(values[0], values[1:], u, beta)
-        updates, opt_state = adam.update(g, state.opt_state, state.delta)
-        delta = state.delta + updates
-        x_new = latent_point(decoder, delta, state.x0, cfg.eps, cfg.norm)
-
-        keep = lambda old, new: jnp.where(success, old, new)  # noqa: E731
-        new = AutoZOOMState(keep(state.x, x_new), state.x0, keep(state.delta, delta), state.cls, state.key,
-                            state.step + 1, success, jax.tree.map(keep, state.opt_state, opt_state))
-        return new, AutoZOOMInfo(loss=values[0], margin=margin_fn(cfg.targeted)(probs[0], state.cls), c=c)
+        to_image = lambda d, x0: latent_point(decoder, d, x0, cfg.eps, cfg.norm)  # noqa: E731
+        return random_vector_step(cfg, adam, beta, to_image, state, oracle)
 
     return Attack(init=init, step=Partial(step, decoder), cost=cfg.q + 1, output="scores", targeted=cfg.targeted)
 
 
 _ZOO_BAD = (dict(coords=0), dict(coords=2.5), dict(h=0.0), dict(c=-1.0), dict(kappa=-0.1), dict(lr=0.0),
             dict(beta1=1.0), dict(eps=float("nan")), dict(norm="l1"))
-_AZ_BAD = (dict(q=0), dict(q=1.5), dict(beta=0.0), dict(c=0.0), dict(switch_iters=0), dict(kappa=-1.0),
-           dict(lr=float("inf")), dict(beta2=1.0), dict(eps=-2.0), dict(norm="l0"))
+_AZ_BAD = AUTOZOOM_BAD
 
 register(AttackSpec(
     name="zoo_ae", config=ZOOAEConfig, build=lambda cfg, ctx: zoo_ae(cfg, ctx.autoencoder), family="score",

@@ -157,6 +157,29 @@ def random_vector_estimate(f0, f, u, beta: float):
     return jnp.tensordot((f - f0) / beta, u, axes=1)
 
 
+def random_vector_step(cfg, adam, beta: float, to_image, state: AutoZOOMState, oracle):
+    """One AutoZOOM step on ``state.delta``: ``q`` random-direction probes at ``to_image(delta + beta u, x0)``
+    (and the current point), the random-vector gradient estimate, one Adam update of ``delta``; the point moves
+    to ``to_image(delta, x0)`` unless the current one was adversarial. ``to_image`` maps (batched) codes to
+    projected images: the decoded perturbation (AutoZOOM, AZ-Bi) or an autoencoder's (AutoZOOM-AE)."""
+    u = unit_directions(jax.random.fold_in(state.key, state.step), cfg.q, state.delta.shape)
+    probes = to_image(state.delta[None] + beta * u, state.x0)
+    points = jnp.concatenate([state.x[None], probes])
+    probs = oracle(points)
+    c = cfg.c * 10.0 ** jnp.minimum(state.step // cfg.switch_iters, 8).astype(jnp.float32)
+    values = objective(probs, points, state.x0, state.cls, c, cfg.kappa, cfg.targeted)
+    success = is_adversarial(probs[0], state.cls, cfg.targeted)
+    g = random_vector_estimate(values[0], values[1:], u, beta)
+    updates, opt_state = adam.update(g, state.opt_state, state.delta)
+    delta = state.delta + updates
+    x_new = to_image(delta, state.x0)
+
+    keep = lambda old, new: jnp.where(success, old, new)  # noqa: E731
+    new = AutoZOOMState(keep(state.x, x_new), state.x0, keep(state.delta, delta), state.cls, state.key,
+                        state.step + 1, success, jax.tree.map(keep, state.opt_state, opt_state))
+    return new, AutoZOOMInfo(loss=values[0], margin=margin_fn(cfg.targeted)(probs[0], state.cls), c=c)
+
+
 def autozoom(cfg: AutoZOOMConfig) -> Attack:
     """Build AutoZOOM (full space for :class:`AutoZOOMConfig`, AZ-Bi for :class:`AutoZOOMBiConfig`)."""
     adam = optax.adam(cfg.lr, b1=cfg.beta1, b2=cfg.beta2)
@@ -169,38 +192,21 @@ def autozoom(cfg: AutoZOOMConfig) -> Attack:
                              adam.init(delta))
 
     def step(state: AutoZOOMState, oracle):
-        shape, dim = state.delta.shape, state.delta.size
-        beta = 1.0 / dim if cfg.beta is None else cfg.beta
-        k = jax.random.fold_in(state.key, state.step)
-        u = unit_directions(k, cfg.q, shape)
-        probes = project(state.x0 + decode(state.delta[None] + beta * u, state.x0.shape), state.x0, cfg.eps,
-                         cfg.norm)
-        points = jnp.concatenate([state.x[None], probes])
-        probs = oracle(points)
-        c = cfg.c * 10.0 ** jnp.minimum(state.step // cfg.switch_iters, 8).astype(jnp.float32)
-        values = objective(probs, points, state.x0, state.cls, c, cfg.kappa, cfg.targeted)
-        success = is_adversarial(probs[0], state.cls, cfg.targeted)
-        g = random_vector_estimate(values[0], values[1:], u, beta)
-        updates, opt_state = adam.update(g, state.opt_state, state.delta)
-        delta = state.delta + updates
-        x_new = project(state.x0 + decode(delta, state.x0.shape), state.x0, cfg.eps, cfg.norm)
-
-        keep = lambda old, new: jnp.where(success, old, new)
-        new = AutoZOOMState(keep(state.x, x_new), state.x0, keep(state.delta, delta), state.cls, state.key,
-                            state.step + 1, success, jax.tree.map(keep, state.opt_state, opt_state))
-        return new, AutoZOOMInfo(loss=values[0], margin=margin_fn(cfg.targeted)(probs[0], state.cls), c=c)
+        beta = 1.0 / state.delta.size if cfg.beta is None else cfg.beta
+        to_image = lambda d, x0: project(x0 + decode(d, x0.shape), x0, cfg.eps, cfg.norm)  # noqa: E731
+        return random_vector_step(cfg, adam, beta, to_image, state, oracle)
 
     return Attack(init=init, step=step, cost=cfg.q + 1, output="scores", targeted=cfg.targeted)
 
 
-_BAD = (dict(q=0), dict(q=1.5), dict(beta=0.0), dict(c=0.0), dict(switch_iters=0), dict(kappa=-1.0),
+AUTOZOOM_BAD = (dict(q=0), dict(q=1.5), dict(beta=0.0), dict(c=0.0), dict(switch_iters=0), dict(kappa=-1.0),
         dict(lr=float("inf")), dict(beta2=1.0), dict(eps=-2.0), dict(norm="l0"))
 
 register(AttackSpec(
     name="autozoom", config=AutoZOOMConfig, build=lambda cfg, ctx: autozoom(cfg), family="score",
-    battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=2_000), bad_configs=_BAD))
+    battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=2_000), bad_configs=AUTOZOOM_BAD))
 
 register(AttackSpec(
     name="autozoom_bi", config=AutoZOOMBiConfig, build=lambda cfg, ctx: autozoom(cfg), family="score",
     battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=2_000),
-    bad_configs=_BAD + (dict(reduced=0), dict(reduced=2.0))))
+    bad_configs=AUTOZOOM_BAD + (dict(reduced=0), dict(reduced=2.0))))
