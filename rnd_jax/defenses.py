@@ -587,13 +587,13 @@ def jpeg(scorer: Scorer, quality, subsample: bool = True, input_shape=None) -> S
     if input_shape is not None and (len(input_shape) != 3 or input_shape[-1] not in (1, 3)):
         raise ValueError(f"jpeg needs images of shape (H, W, C) with C = 1 or 3, got input_shape {input_shape!r}")
     luma, chroma = (t.astype(np.float32) for t in jpeg_codec.quant_tables(quality))
-    return Partial(_jpeg, scorer, luma, chroma, subsample)
+    return Partial(_jpeg, scorer, luma, chroma, subsample, jpeg_codec.dct_matrix())
 
 
-def _jpeg(scorer, luma, chroma, subsample, x, keys):
+def _jpeg(scorer, luma, chroma, subsample, dct, x, keys):
     from rnd_jax import jpeg as jpeg_codec
 
-    return scorer(jpeg_codec.compress_with_tables(x, luma, chroma, subsample), keys)
+    return scorer(jpeg_codec.compress_with_tables(x, luma, chroma, subsample, dct), keys)
 
 
 def output_noise_park(scorer: Scorer, variance, mean=0.0) -> Scorer:

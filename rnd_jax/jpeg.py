@@ -100,11 +100,16 @@ def _edge_pad(a, h: int, w: int):
     return jnp.pad(a, ((0, 0), (0, h - a.shape[1]), (0, w - a.shape[2])), mode="edge")
 
 
-def _code_component(a, table):
+def dct_matrix() -> np.ndarray:
+    """The orthonormal 8-point DCT-II matrix ``f32[8, 8]`` of the codec (pass it to :func:`compress_with_tables`
+    as an argument so a compiled program takes it as one, never as a constant)."""
+    return _D.copy()
+
+
+def _code_component(a, table, d):
     """Samples ``a: int32[B, H, W]`` (H, W multiples of 8) through DCT, quantisation and IDCT -> int32."""
     b, h, w = a.shape
     blocks = (a.astype(jnp.float32) - 128.0).reshape(b, h // 8, 8, w // 8, 8).transpose(0, 1, 3, 2, 4)
-    d = jnp.asarray(_D)
     coef = jnp.einsum("ux,bijxy,vy->bijuv", d, blocks, d)
     q = table
     r = coef / q
@@ -161,29 +166,31 @@ def compress(x, quality: int, subsample: bool = True):
     return compress_with_tables(x, luma, chroma, subsample)
 
 
-def compress_with_tables(x, luma, chroma, subsample: bool = True):
+def compress_with_tables(x, luma, chroma, subsample: bool = True, dct=None):
     """:func:`compress` with the quantisation tables given (``[8, 8]`` arrays, e.g. from :func:`quant_tables`).
 
-    The tables may be traced: one compiled program serves every quality.
+    The tables may be traced: one compiled program serves every quality. ``dct``: the DCT matrix
+    (:func:`dct_matrix`, default), e.g. a traced argument of the caller's program.
     """
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"jpeg needs images f32[B, H, W, C] with C = 1 (grayscale) or 3 (RGB), got shape "
                          f"{tuple(x.shape)}")
     luma, chroma = jnp.asarray(luma, jnp.float32), jnp.asarray(chroma, jnp.float32)
+    d = jnp.asarray(_D if dct is None else dct, jnp.float32)
     _, h, w, c = x.shape
     pix = jnp.floor(jnp.clip(x.astype(jnp.float32), 0.0, 1.0) * 255.0 + 0.5).astype(jnp.int32)
     if c == 1:
         hp, wp = 8 * math.ceil(h / 8), 8 * math.ceil(w / 8)
-        y = _code_component(_edge_pad(pix[..., 0], hp, wp), luma)[:, :h, :w]
+        y = _code_component(_edge_pad(pix[..., 0], hp, wp), luma, d)[:, :h, :w]
         return (y[..., None].astype(jnp.float32) / 255.0).astype(x.dtype)
     y, cb, cr = _rgb_to_ycc(pix)
     mcu = 16 if subsample else 8
     hp, wp = mcu * math.ceil(h / mcu), mcu * math.ceil(w / mcu)
     y, cb, cr = (_edge_pad(v, hp, wp) for v in (y, cb, cr))
-    y = _code_component(y, luma)[:, :h, :w]
+    y = _code_component(y, luma, d)[:, :h, :w]
     if subsample:
         hc, wc = math.ceil(h / 2), math.ceil(w / 2)
-        cb, cr = (_upsample(_code_component(_downsample(v), chroma)[:, :hc, :wc], h, w) for v in (cb, cr))
+        cb, cr = (_upsample(_code_component(_downsample(v), chroma, d)[:, :hc, :wc], h, w) for v in (cb, cr))
     else:
-        cb, cr = (_code_component(v, chroma)[:, :h, :w] for v in (cb, cr))
+        cb, cr = (_code_component(v, chroma, d)[:, :h, :w] for v in (cb, cr))
     return (_ycc_to_rgb(y, cb, cr).astype(jnp.float32) / 255.0).astype(x.dtype)
