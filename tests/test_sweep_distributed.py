@@ -51,9 +51,9 @@ class FakeSweeper:
     def selection(self, c):
         return None
 
-    def run(self, cell):
+    def run_cell(self, cell, **_):
         self.ran.append(cell.id)
-        return complete_record(cell)
+        return complete_record(cell), {}  # (record, artifact arrays)
 
 
 def test_followers_run_what_process_0_decides_and_write_nothing(tmp_path, monkeypatch):
