@@ -34,6 +34,7 @@ The attacks receive only the decoder, as a :class:`Decoder` pytree whose leaves 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -229,7 +230,7 @@ def fit(module: ConvAutoencoder, images, cfg: AutoencoderConfig, progress: bool 
     def loss_fn(p, batch):
         return jnp.mean((module.apply({"params": p}, batch) - batch) ** 2)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=train.EPOCH_COMPILER_OPTIONS)  # a long-running program
     def epoch(params, opt_state, x, key):
         order = jax.random.permutation(key, n)[: steps * cfg.batch_size].reshape(steps, cfg.batch_size)
 

@@ -1390,7 +1390,7 @@ class Sweeper:
     def _final_scores(self, c: dict, level):
         """The compiled ``(level, x_adv, kc) -> (defended scores at check query 0, clean scores)`` of a cell."""
         spec = self._defense_spec(c, level)
-        k = ("scores", c["dataset"], c["model"], c["train_seed"], spec.name, json.dumps(spec.options, sort_keys=True),
+        k = ("scores", *_model_key(c), spec.name, json.dumps(spec.options, sort_keys=True),
              None if spec.traced else json.dumps(level))
         if k not in self._runners:
             _, _, clean, _, _ = self.model(c)
@@ -1403,7 +1403,7 @@ class Sweeper:
         """The cell's run as :class:`Chunked` pieces, snapshotting (and resuming) the carry between them."""
         c = cell.d
         spec = self._defense_spec(c, level)
-        k = ("chunked", c["dataset"], c["model"], c["train_seed"], json.dumps(c["attack"], sort_keys=True),
+        k = ("chunked", *_model_key(c), json.dumps(c["attack"], sort_keys=True),
              c["targeted"], spec.name, json.dumps(spec.options, sort_keys=True),
              None if spec.traced else json.dumps(level), protocol, n_pad, int(chunk))
         if k not in self._runners:

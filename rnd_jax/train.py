@@ -20,7 +20,10 @@ AdamW (``optax.adamw``) with a cosine decay of the learning rate from
 Each epoch is one jitted ``lax.scan`` over ``N // batch_size`` minibatches of a fresh
 permutation; the last ``N mod batch_size`` examples of each permutation are skipped
 (a different subset every epoch), so every step has the same shape and nothing
-recompiles.
+recompiles. The epoch compiles at XLA's full backend optimisation
+(:data:`EPOCH_COMPILER_OPTIONS`) whatever ``XLA_FLAGS`` says: an epoch runs hundreds of steps, so a
+process that lowers XLA's level for its many short programs (the test suite does) still trains at full
+speed, and a checkpoint does not depend on the level of the process that trained it.
 
 Training-time defenses
 ----------------------
@@ -358,11 +361,15 @@ def _training_loss(model: nn.Module, cfg: TrainConfig):
     return loss_fn
 
 
+# XLA's default CPU backend level: training epochs are long-running programs (see the module docstring).
+EPOCH_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3}
+
+
 def _make_epoch(model: nn.Module, tx: optax.GradientTransformation, cfg: TrainConfig, steps: int):
     """Jitted ``(params, opt_state, images, labels, key) -> (params, opt_state, mean loss)``."""
     loss_fn = _training_loss(model, cfg)
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=EPOCH_COMPILER_OPTIONS)
     def epoch(params, opt_state, images, labels, key):
         k_perm, k_steps = jax.random.split(key)
         order = jax.random.permutation(k_perm, images.shape[0])[: steps * cfg.batch_size]
