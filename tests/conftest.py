@@ -34,16 +34,16 @@ def _shared_cache(basetemp):
 
 
 def pytest_sessionstart(session):
-    """Under pytest-xdist, train the two shared digits models in the controller before the workers start:
-    otherwise one worker trains while the other waits on the lock with nothing to do."""
-    config = session.config
-    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+    """Under pytest-xdist, each worker trains one of the two shared digits models as it starts (worker 0 the
+    default one, worker 1 the surrogate, in parallel), then loads the other once it is saved: otherwise
+    one worker trains while the other waits on the lock with nothing to do."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or getattr(session.config.option, "collectonly", False):
         return
-    if getattr(config.option, "collectonly", False):
-        return
-    d = _shared_cache(config._tmp_path_factory.getbasetemp())
+    d = _shared_cache(session.config._tmp_path_factory.getbasetemp().parent)
     d.mkdir(exist_ok=True)
-    for seed in (0, 1):
+    first = int(worker.removeprefix("gw") or 0) % 2
+    for seed in (first, 1 - first):
         _trained(d, seed)
 
 

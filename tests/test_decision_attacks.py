@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from conftest import as_np, keys
+from jax.tree_util import Partial
+
 from rnd_jax import data, pytree
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
 from rnd_jax.evaluate import Protocol, compile_runner, make_runner, summarize
@@ -35,22 +37,31 @@ def pool():
     return data.load("digits", "train")
 
 
-def constant_scorer(cls: int):
+def _scripted(clean, p, const, x, keys):
+    """``clean``'s top-1 class (or class ``const`` for every input, if ``const >= 0``), replaced by a random
+    other class with probability ``p`` per query."""
+    top = jnp.argmax(clean(x, None), -1)
+    top = jnp.where(const >= 0, const, top)
+    k = jax.vmap(jax.random.split)(keys)
+    flip = jax.vmap(lambda kk: jax.random.uniform(kk) < p)(k[:, 0])
+    other = (top + jax.vmap(lambda kk: jax.random.randint(kk, (), 1, 10))(k[:, 1])) % 10
+    return jax.nn.one_hot(jnp.where(flip, other, top), 10)
+
+
+def scripted(clean, p: float = 0.0, const: int = -1):
+    """A label model as a pytree whose behaviour is in its leaves (``p``, ``const``), so the tests below that
+    share an attack and a budget share one compiled program."""
+    return Partial(_scripted, clean, jnp.float32(p), jnp.int32(const))
+
+
+def constant_scorer(clean, cls: int):
     """A model that answers class ``cls`` for every input."""
-    return lambda x, keys: jax.nn.one_hot(jnp.full((x.shape[0],), cls), 10)
+    return scripted(clean, 0.0, cls)
 
 
-def flip_scorer(scorer, p: float):
-    """``scorer``'s top-1 class, replaced by a random other class with probability ``p`` per query."""
-
-    def scores(x, keys):
-        top = jnp.argmax(scorer(x, None), -1)
-        k = jax.vmap(jax.random.split)(keys)
-        flip = jax.vmap(lambda kk: jax.random.uniform(kk) < p)(k[:, 0])
-        other = (top + jax.vmap(lambda kk: jax.random.randint(kk, (), 1, 10))(k[:, 1])) % 10
-        return jax.nn.one_hot(jnp.where(flip, other, top), 10)
-
-    return scores
+def flip_scorer(clean, p: float):
+    """``clean``'s top-1 class, replaced by a random other class with probability ``p`` per query."""
+    return scripted(clean, p)
 
 
 def build(name, ctx, targeted, **over):
@@ -79,23 +90,45 @@ def _final_states(bundle, x, y, t, ka, kd):
 _STATES = pytree.jit(_final_states)  # the pool and the params are arguments of the program
 
 
+_RUN_ON = {}
+
+
+def run_on_attack(name, pool):
+    """The untargeted attack run to the budget (``eps=None``), built once per attack: the missing-start and
+    the noisy-answers tests run it in one compiled program (the scorers differ only in their leaves)."""
+    if name not in _RUN_ON:
+        _RUN_ON[name] = build(name, Context(train_images=pool[0], train_labels=pool[1]), False, eps=None)
+    return _RUN_ON[name]
+
+
+def run_on_budget(attack):
+    """The budget of the two untargeted run-to-the-budget tests (one program per attack for both)."""
+    return max(4 * attack.cost, 200) + 7
+
+
 def dist(a, b, norm):
     d = (np.asarray(a) - np.asarray(b)).reshape(len(a), -1)
     return np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
 
 
-@pytest.mark.parametrize("name", DECISION)
-def test_missing_start_fails_one_image_and_collapsed_searches_give_no_nan(name, pool, attack_set):
+def grouped(names, slow=()):
+    """One param per attack, grouped per attack on one xdist worker (``--dist loadgroup``), which then
+    compiles the program the missing-start and noisy-answers tests share once; those in ``slow`` marked slow."""
+    return [pytest.param(n, marks=[pytest.mark.xdist_group(f"decision-{n}")] + ([pytest.mark.slow] if n in slow else []))
+            for n in names]
+
+
+@pytest.mark.parametrize("name", grouped(DECISION))
+def test_missing_start_fails_one_image_and_collapsed_searches_give_no_nan(name, pool, attack_set, clean_scorer):
     """A model that always answers the label of image 0: no start exists for image 0, which fails
     alone; for the others (other labels) every point, x0 included, is adversarial, so every search
     interval collapses to a point and every vote agrees -- the run goes on at distance ~0, no NaN."""
     spec = ATTACKS[name]
     sel = attack_set
     assert sel.labels[0] not in sel.labels[1:4]
-    ctx = Context(train_images=pool[0], train_labels=pool[1])
-    attack = build(name, ctx, False, eps=None)  # run on to the budget
-    budget = max(3 * attack.cost, 200) + 7
-    c = run_states(attack, constant_scorer(int(sel.labels[0])), sel.images[:4], sel.labels[:4], sel.targets[:4], budget)
+    attack = run_on_attack(name, pool)  # run on to the budget
+    budget = run_on_budget(attack)
+    c = run_states(attack, constant_scorer(clean_scorer, int(sel.labels[0])), sel.images[:4], sel.labels[:4], sel.targets[:4], budget)
     assert c.state.failed[0] and not c.state.done[0]
     np.testing.assert_array_equal(c.state.x[0], sel.images[0])
     assert 0 < c.queries[0] <= budget - attack.cost  # stopped by the failure, not by the budget
@@ -134,8 +167,7 @@ def test_target_class_missing_from_pool_fails_that_image_only(name, pool, attack
 SHARED_CODE = ("opt", "hsja_linf")
 
 
-@pytest.mark.parametrize("name", [n if n not in SHARED_CODE else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in DECISION])
+@pytest.mark.parametrize("name", grouped(DECISION, slow=SHARED_CODE))
 def test_noisy_answers_end_within_budget_and_the_best_point_is_returned(name, attack_set, pool, clean_scorer):
     """A model whose answer is a random wrong class 30% of the time: every loop still ends within the
     budget with finite numbers (the eager count of the points asked is the battery's
@@ -145,11 +177,10 @@ def test_noisy_answers_end_within_budget_and_the_best_point_is_returned(name, at
     the returned point."""
     spec = ATTACKS[name]
     norm = spec.battery["norm"]
-    ctx = Context(train_images=pool[0], train_labels=pool[1])
-    attack = build(name, ctx, False, eps=None)
+    attack = run_on_attack(name, pool)
     sel = attack_set
     n = 4
-    budget = 4 * attack.cost + 7
+    budget = run_on_budget(attack)
     c = run_states(attack, flip_scorer(clean_scorer, 0.3), sel.images[:n], sel.labels[:n], sel.targets[:n], budget)
     assert (c.queries <= budget).all() and (c.queries > budget - attack.cost).all(), name
     assert (c.state.step <= budget).all()  # every step asks at least one point (or ends the image)
