@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+from rnd_jax import autoencoder
 from rnd_jax.attacks import ATTACKS, Attack, Context, make_attack
 from rnd_jax.attacks.registry import _field_type
 from rnd_jax.defenses import DEFENSES, build_defense
@@ -36,7 +37,9 @@ FUZZ = settings(max_examples=6, deadline=None, derandomize=True, database=None,
 NAMES = sorted(ATTACKS)
 CTX = Context(train_images=np.linspace(0, 1, 4 * 64, dtype=np.float32).reshape(4, 8, 8, 1),
               train_labels=np.arange(4, dtype=np.int32), num_classes=10,
-              surrogate=lambda x, keys: np.full((x.shape[0], 10), 0.1, np.float32))
+              surrogate=lambda x, keys: np.full((x.shape[0], 10), 0.1, np.float32),
+              surrogates=(lambda x, keys: np.full((x.shape[0], 10), 0.1, np.float32),),
+              autoencoder=autoencoder.placeholder((8, 8, 1)))  # every attack's needs met: only configs can fail
 
 
 def fields(name):
@@ -100,6 +103,11 @@ def plausible(base, default):
     elif base is str:
         kinds.append(st.sampled_from(["linf", "l2", "xent", "margin", "cw", "LINF", ""]))
     return st.one_of(kinds)
+
+
+def test_the_context_meets_every_attacks_needs():
+    for name in NAMES:
+        assert isinstance(make_attack(name, CTX, **base_config(name)), Attack), name
 
 
 def build(name, **cfg):
