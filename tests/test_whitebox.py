@@ -26,7 +26,7 @@ from conftest import as_np, keys
 from rnd_jax import losses, pytree
 from rnd_jax.attacks import driver, make_attack
 from rnd_jax.attacks.adaptive import RepeatedOracle, eot
-from rnd_jax.attacks.whitebox._common import expected_gradient
+from rnd_jax.attacks.whitebox._common import expected_gradient, random_start
 from rnd_jax.compact import compacted
 from rnd_jax.defenses import input_noise, output_noise
 from rnd_jax.evaluate import QueryTap, tap_scorer
@@ -231,6 +231,31 @@ def test_query_count_equals_the_eager_witness_with_eot():
         res = driver.run_one(attack, Oracle(counter, "gradient"), x0, y, None, jax.random.key(0), jax.random.key(1), 5)
     assert not bool(res.success)  # eps = 0.05 is too small to flip it: the budget ends the run
     assert int(res.steps) == 2 and int(res.queries) == counter.count == 4 and counter.calls == 2
+
+
+def test_pgd_restarts_from_a_fresh_random_start_each_round():
+    """``steps=k``: round 0 is the plain run; after every k steps without success the iterate is the random
+    start of ``fold_in(key, round)``."""
+    params = linear_params()
+    x0 = jnp.full(SHAPE, 0.5)
+    y = int(jnp.argmax(_linear(params, x0[None], None)))
+    k, eps = 3, 0.01
+    attack = make_attack("pgd", eps=eps, lr=1e-3, steps=k)
+    plain = make_attack("pgd", eps=eps, lr=1e-3)
+    key = jax.random.key(4)
+    st, sp = attack.init(key, x0, y, None), plain.init(key, x0, y, None)
+    bound = Oracle(linear_scorer(params), "gradient").bind(jax.random.key(0), 0)
+    starts = []
+    for t in range(1, 3 * k + 1):
+        st, _ = attack.step(st, bound)
+        sp, _ = plain.step(sp, bound)
+        if t < k:
+            np.testing.assert_array_equal(st.x, sp.x)
+        if t % k == 0:
+            np.testing.assert_array_equal(st.x, random_start(jax.random.fold_in(key, t // k), x0, eps, "linf"))
+            starts.append(np.asarray(st.x))
+        assert float(jnp.abs(st.x - x0).max()) <= eps + 1e-6
+    assert not st.done and not np.array_equal(starts[0], starts[1])
 
 
 def test_bad_configs_and_oracles_raise():
