@@ -258,6 +258,37 @@ def test_pgd_restarts_from_a_fresh_random_start_each_round():
     assert not st.done and not np.array_equal(starts[0], starts[1])
 
 
+def test_cw_abort_early_ends_a_stage_whose_loss_stopped_falling():
+    """Each stage ends after ``steps`` steps or, with ``abort_early``, at the first check (every
+    ``steps // 10`` steps of the stage, step 0 included) whose loss exceeds 0.9999 x the previous check's:
+    recomputed here from the losses the attack reports. Without it every stage is ``steps`` long."""
+    params = linear_params(1)
+    x0 = jnp.full(SHAPE, 0.5)
+    y = int(jnp.argmax(_linear(params, x0[None], None)))
+    bound = Oracle(linear_scorer(params), "gradient").bind(jax.random.key(0), 0)
+    steps, period = 20, 2
+    for abort in (False, True):
+        attack = make_attack("cw", eps=None, steps=steps, search_steps=4, lr=0.5, abort_early=abort)
+        st = attack.init(jax.random.key(0), x0, y, None)
+        i, prev = 0, np.inf
+        for _ in range(80):
+            stage = int(st.stage)
+            st, info = attack.step(st, bound)
+            loss = float(info.loss)
+            want_end = i + 1 == steps
+            if abort and i % period == 0:
+                want_end |= loss > 0.9999 * prev
+                prev = loss
+            assert (int(st.stage) == stage + 1) == want_end, (abort, stage, i)
+            i = 0 if want_end else i + 1
+            if want_end:
+                prev = np.inf
+        if not abort:
+            assert int(st.stage) == 4
+        else:
+            assert int(st.stage) > 4  # stages ended early: more of them in the same 80 steps
+
+
 def test_bad_configs_and_oracles_raise():
     for kw in (dict(eps=-0.1), dict(eps=float("nan")), dict(lr=0.0), dict(norm="l1"), dict(loss="cw"),
                dict(targeted=True, loss="margin"), dict(random_start="yes")):

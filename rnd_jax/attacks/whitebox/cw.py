@@ -12,8 +12,11 @@ with ``Z`` the logits; here log-probabilities, whose differences are the logits'
 before the log). The constant ``c`` is found by binary search: stage ``s`` runs ``steps`` Adam steps
 from ``w0 = atanh((2 x0 - 1)(1 - 1e-6))`` (the image itself) with a fresh Adam state; if some answer of
 the stage was adversarial the upper bound becomes ``c``, else the lower bound; the next ``c`` is the
-bounds' midpoint, or ``10 c`` while no upper bound is known. The paper's ``abort_early`` (end a stage
-whose loss stopped falling) is not reproduced: every stage has exactly ``steps`` steps.
+bounds' midpoint, or ``10 c`` while no upper bound is known. Every stage has ``steps`` steps, or with
+``abort_early=True`` (the reference code's ``ABORT_EARLY``) fewer: every ``max(1, steps // 10)`` steps of
+a stage (its step 0 included) the stage's loss at the current point is compared with its value at the
+previous such check, and the stage ends there if it is above ``0.9999`` times that value (the loss
+stopped falling); the queries a stage does not use go to the next stages.
 
 Queries: every Adam step asks ONE gradient query at its current point (:mod:`rnd_jax.oracle`, output
 ``"gradient"``; ``cost = 1``); the distortion term's gradient is closed-form (no query). The whole
@@ -66,6 +69,7 @@ class CWConfig:
     lr: float = 0.1  # Adam learning rate (in tanh space; the paper's 1e-2 with up to 10 000 steps a stage)
     c0: float = 1e-3  # initial constant c
     kappa: float = 0.0  # confidence: the margin must reach -kappa
+    abort_early: bool = False  # end a stage whose loss stopped falling (the reference code's ABORT_EARLY)
 
     def __post_init__(self):
         if self.norm != "l2":
@@ -84,6 +88,8 @@ class CWConfig:
             raise ValueError(f"C&W kappa must be a finite number >= 0, got {self.kappa!r}")
         if not isinstance(self.targeted, bool):
             raise ValueError(f"targeted must be a bool, got {self.targeted!r}")
+        if not isinstance(self.abort_early, bool):
+            raise ValueError(f"C&W abort_early must be a bool, got {self.abort_early!r}")
         if self.steps * self.search_steps > 2 ** 31 - 1:
             raise ValueError(f"C&W's schedule of {self.search_steps} x {self.steps} steps does not fit int32")
 
@@ -108,6 +114,9 @@ class CWState(NamedTuple):
     hit: jax.Array  # bool: an answer of the current stage was adversarial
     best: jax.Array  # f32: smallest squared l_2 distortion of an adversarial answer (inf: none)
     opt_state: optax.OptState
+    stage: jax.Array  # i32: index of the current search stage
+    stage_step: jax.Array  # i32: steps taken in the current stage
+    prev: jax.Array  # f32: the stage's loss at its last abort-early check (inf: none yet)
 
 
 class CWInfo(NamedTuple):
@@ -123,7 +132,8 @@ def to_box(w):
 def cw(cfg: CWConfig) -> Attack:
     """Build the C&W l_2 attack for ``cfg``; see the module docstring."""
     margin_fn = losses.targeted_cw if cfg.targeted else losses.margin
-    kappa, steps, last = float(cfg.kappa), cfg.steps, cfg.schedule - 1
+    kappa, steps = float(cfg.kappa), cfg.steps
+    period = max(1, steps // 10)  # abort-early checks every period steps of a stage
     opt = optax.adam(cfg.lr)
 
     def init(key, x0, label, target):
@@ -132,7 +142,8 @@ def cw(cfg: CWConfig) -> Attack:
         cls = jnp.asarray(target if cfg.targeted else label, jnp.int32)
         f32 = lambda v: jnp.asarray(v, jnp.float32)
         return CWState(to_box(w0), w0, x0, w0, cls, key, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
-                       f32(cfg.c0), f32(0.0), f32(jnp.inf), jnp.zeros((), bool), f32(jnp.inf), opt.init(w0))
+                       f32(cfg.c0), f32(0.0), f32(jnp.inf), jnp.zeros((), bool), f32(jnp.inf), opt.init(w0),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), f32(jnp.inf))
 
     def step(state: CWState, oracle):
         x = to_box(state.w)
@@ -148,7 +159,13 @@ def cw(cfg: CWConfig) -> Attack:
         better = adversarial & (d2 < state.best)
         best = jnp.where(better, d2, state.best)
         # end of a stage: move c, restart from the image with a fresh Adam state
-        end = (state.step + 1) % steps == 0
+        total = d2 + state.c * value[0]
+        end = state.stage_step + 1 == steps
+        prev = state.prev
+        if cfg.abort_early:
+            check = state.stage_step % period == 0
+            end = end | (check & (total > 0.9999 * state.prev))
+            prev = jnp.where(check, total, state.prev)
         hi = jnp.where(end & hit, jnp.minimum(state.hi, state.c), state.hi)
         lo = jnp.where(end & ~hit, jnp.maximum(state.lo, state.c), state.lo)
         c_next = jnp.where(jnp.isinf(hi), state.c * 10.0, (lo + hi) / 2.0)
@@ -156,15 +173,18 @@ def cw(cfg: CWConfig) -> Attack:
         w = jnp.where(end, state.w0, w)
         opt_state = jax.tree.map(lambda fresh, new: jnp.where(end, fresh, new), opt.init(state.w0), opt_state)
         new = state._replace(x=to_box(state.w + updates), w=w, step=state.step + 1, c=c, lo=lo, hi=hi,
-                             hit=jnp.where(end, False, hit), best=best, opt_state=opt_state)
+                             hit=jnp.where(end, False, hit), best=best, opt_state=opt_state,
+                             stage=state.stage + end.astype(jnp.int32),
+                             stage_step=jnp.where(end, 0, state.stage_step + 1),
+                             prev=jnp.where(end, jnp.inf, prev).astype(jnp.float32))
         if cfg.eps is None:  # minimum distortion: keep the best adversarial point, claim it at the last step
             new = new._replace(x=jnp.where(better, x, jnp.where(jnp.isinf(best), new.x, state.x)),
-                               done=(state.step == last) & jnp.isfinite(best))
+                               done=(state.stage == cfg.search_steps - 1) & end & jnp.isfinite(best))
         else:  # the threat model of the query attacks: stop at the first adversarial answer within eps
             done = adversarial & (d2 <= float(cfg.eps) ** 2)
             stay = state._replace(x=x, step=state.step + 1, done=done)  # the point, kept if a stop rule rejects it
             new = jax.tree.map(lambda a, b: jnp.where(done, a, b), stay, new._replace(done=done))
-        return new, CWInfo(loss=d2 + state.c * value[0], margin=value[0], c=state.c)
+        return new, CWInfo(loss=total, margin=value[0], c=state.c)
 
     return Attack(init=init, step=step, cost=1, output="gradient", targeted=cfg.targeted)
 
@@ -173,4 +193,4 @@ register(AttackSpec(name="cw", config=CWConfig, build=lambda cfg, ctx: cw(cfg), 
                     battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=600),
                     bad_configs=(dict(norm="linf"), dict(eps=0.0), dict(eps=float("nan")), dict(steps=0),
                                  dict(search_steps=-1), dict(lr=0.0), dict(c0=-1.0), dict(kappa=-0.5),
-                                 dict(steps=2.5))))
+                                 dict(steps=2.5), dict(abort_early=1))))
