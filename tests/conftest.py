@@ -47,6 +47,27 @@ def pytest_sessionstart(session):
         _trained(d, seed)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make ``--dist loadgroup`` group again under pytest >= 9: pytest-xdist marks a test of an
+    ``xdist_group`` by appending ``@<group>`` to its node id on the worker (the controller then sends a
+    group to one worker, which compiles the group's shared programs once), through an attribute that
+    pytest 9 no longer reads (``Node._nodeid``; the id is ``Node._id`` now). Done here the same way."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not config.getvalue("loadgroup"):
+        return
+    try:
+        from _pytest.nodes import coerce_node_id
+    except ImportError:  # pytest < 9: pytest-xdist's own suffix works
+        return
+    for item in items:
+        if "@" in item.nodeid.rsplit("]", 1)[-1]:
+            continue
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the session's base folder is shared by its workers

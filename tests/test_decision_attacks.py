@@ -103,7 +103,7 @@ def run_on_attack(name, pool):
 
 def run_on_budget(attack):
     """The budget of the two untargeted run-to-the-budget tests (one program per attack for both)."""
-    return max(4 * attack.cost, 200) + 7
+    return max(3 * attack.cost, 200) + 7
 
 
 def dist(a, b, norm):
