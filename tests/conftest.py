@@ -14,7 +14,7 @@ import os
 # time: XLA's backend optimisation level 1 (instead of the default 3) and the CPU backend's classic fusion
 # emitters (--xla_cpu_use_fusion_emitters=false) each cut it by about a third, and the programs still run
 # as fast. Training epochs ask for the full level themselves (rnd_jax.train.EPOCH_COMPILER_OPTIONS), so the
-# shared models are those an experiment trains. Set before JAX starts its backend; subprocesses started by
+# shared models still train at full speed. Set before JAX starts its backend; subprocesses started by
 # tests inherit them. A flag already in XLA_FLAGS wins.
 for _flag, _value in (("xla_backend_optimization_level", "1"), ("xla_cpu_use_fusion_emitters", "false")):
     if _flag not in os.environ.get("XLA_FLAGS", ""):
