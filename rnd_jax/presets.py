@@ -161,6 +161,11 @@ Table (``·``: no setting from the source, the digits default stays; ``linf: a, 
 | parsimonious | block_size | 2 | 4 | 24 | 299 | Moon et al. 2019; ref. cifar10/main.py, imagenet/main.py |
 |  | batch_size | 64 | 64 | 64 |  |  |
 |  | max_iters | 1 | 1 | 1 |  |  |
+| cw | search_steps | 6 | 9 | 9 | size-free | Carlini & Wagner 2017; ref. l2_attack.py |
+|  | steps | 100 | 10000 | 10000 |  |  |
+|  | lr | 0.1 | 0.01 | 0.01 |  |  |
+|  | abort_early | False | True | True |  |  |
+| pgd | — | | | | size-free | Madry et al. 2018 (step eps/4: the default) |
 
 Protocols (:data:`PROTOCOL_PRESETS`; all untargeted; eps in [0, 1] pixel units)
 
@@ -354,6 +359,16 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cifar10": dict(block_size=4, batch_size=64, max_iters=1),
         "imagenet": dict(block_size=24, batch_size=64, max_iters=1),  # 32 on 299 = 24 on 224 (see above)
     },
+    # C&W l_2 (Carlini & Wagner, S&P 2017), the reference code's l2_attack.py defaults (MNIST, CIFAR-10 and
+    # ImageNet alike): 9 binary-search steps of up to 10 000 Adam steps at 1e-2, aborting early; c0 = 1e-3
+    # and kappa = 0 are the config defaults already. The schedule is 90 000 gradient queries.
+    "cw": {
+        "cifar10": dict(search_steps=9, steps=10_000, lr=1e-2, abort_early=True),
+        "imagenet": dict(search_steps=9, steps=10_000, lr=1e-2, abort_early=True),
+    },
+    # PGD (Madry et al., ICLR 2018): the CIFAR-10 step 2/255 at eps 8/255 is the config default (eps / 4);
+    # the number of steps is the query budget (7 to train, 20 to evaluate on CIFAR-10).
+    "pgd": {"cifar10": {}, "imagenet": {}},
 }
 
 NORM_PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
@@ -393,6 +408,8 @@ SOURCES = {
     "boundary": "Brendel et al. 2018; ref. Foolbox BoundaryAttack",
     "zo_signsgd": "Liu et al. 2019; l_inf settings: Al-Dujaili & O'Reilly's benchmark configs",
     "parsimonious": "Moon et al. 2019; ref. cifar10/main.py, imagenet/main.py",
+    "cw": "Carlini & Wagner 2017; ref. l2_attack.py",
+    "pgd": "Madry et al. 2018 (step eps/4: the default)",
 }
 IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "hsja": "size-free", "hsja_linf": "size-free", "geoda": "224", "signflip": "224", "bandits_td": "299",
@@ -400,7 +417,7 @@ IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "square_l2": "224/299", "simba_pixel": "224", "simba_dct": "224", "nes": "299", "nes_pi": "299",
     "nes_label_only": "299", "signhunter": "size-free", "zoo": "299", "rays": "size-free",
     "signopt": "size-free", "opt": "size-free", "boundary": "size-free", "zo_signsgd": "299",
-    "parsimonious": "299",
+    "parsimonious": "299", "cw": "size-free", "pgd": "size-free",
 }
 
 _VERIFIED = dict(name="verified", checks=9, count=False)  # RFD App. D.4: 9 fresh queries, not counted
