@@ -166,6 +166,7 @@ Table (``·``: no setting from the source, the digits default stays; ``linf: a, 
 |  | lr | 0.1 | 0.01 | 0.01 |  |  |
 |  | abort_early | False | True | True |  |  |
 | pgd | — | | | | size-free | Madry et al. 2018 (step eps/4: the default) |
+| subspace | fd_eta | None | · | 0.1 | size-free | Guo et al. 2019; ref. attack.py defaults |
 
 Protocols (:data:`PROTOCOL_PRESETS`; all untargeted; eps in [0, 1] pixel units)
 
@@ -369,6 +370,11 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # PGD (Madry et al., ICLR 2018): the CIFAR-10 step 2/255 at eps 8/255 is the config default (eps / 4);
     # the number of steps is the query budget (7 to train, 20 to evaluate on CIFAR-10).
     "pgd": {"cifar10": {}, "imagenet": {}},
+    # Subspace Attack (Guo et al., NeurIPS 2019), the argument defaults of the reference attack.py, which has no
+    # dataset-specific ones: at 32x32x3 the config defaults are those values (fd_eta 0.1, image lr eps / 8,
+    # exploration 0.1, prior lr 1, momentum prior, dropout 0 -> 0.5); the config scales fd_eta with
+    # sqrt(d / 3072) for other sizes, where the code keeps 0.1.
+    "subspace": {"cifar10": {}, "imagenet": dict(fd_eta=0.1)},
 }
 
 NORM_PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
@@ -410,6 +416,7 @@ SOURCES = {
     "parsimonious": "Moon et al. 2019; ref. cifar10/main.py, imagenet/main.py",
     "cw": "Carlini & Wagner 2017; ref. l2_attack.py",
     "pgd": "Madry et al. 2018 (step eps/4: the default)",
+    "subspace": "Guo et al. 2019; ref. attack.py defaults",
 }
 IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "hsja": "size-free", "hsja_linf": "size-free", "geoda": "224", "signflip": "224", "bandits_td": "299",
@@ -417,7 +424,7 @@ IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "square_l2": "224/299", "simba_pixel": "224", "simba_dct": "224", "nes": "299", "nes_pi": "299",
     "nes_label_only": "299", "signhunter": "size-free", "zoo": "299", "rays": "size-free",
     "signopt": "size-free", "opt": "size-free", "boundary": "size-free", "zo_signsgd": "299",
-    "parsimonious": "299", "cw": "size-free", "pgd": "size-free",
+    "parsimonious": "299", "cw": "size-free", "pgd": "size-free", "subspace": "size-free",
 }
 
 _VERIFIED = dict(name="verified", checks=9, count=False)  # RFD App. D.4: 9 fresh queries, not counted
