@@ -44,7 +44,9 @@ Defaults (16 images, 10 000 queries, 9 attacks x 4 defenses; about 15 minutes on
     python -m experiments.decision_attacks --out runs/decision_attacks
 
 Outputs under ``--out``: ``results.json`` (config and one row per attack x defense; the same seed gives
-a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_queries.png`` and ``timing.json``
+a bit-identical file), ``results.csv``, ``config.json``, ``asr_vs_queries.png``,
+``artifacts/<attack>-<defense>-<level>.npz`` (each row's final points, traces and per-image records:
+:mod:`rnd_jax.artifacts`; written before the row is logged) and ``timing.json``
 (wall-clock seconds, kept apart so results stay reproducible). ``rows.jsonl`` holds each row as soon
 as it is finished: a killed run, started again with the same options, skips those rows and ends with
 the same ``results.json``.
@@ -56,6 +58,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +69,7 @@ from tqdm.auto import tqdm
 from experiments.common import (add_model_args, add_protocol_args, add_run_args, apply_smoke, check_out, check_resumable,
                                 cli, dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
                                 write_json, write_timing)
-from rnd_jax import pytree
+from rnd_jax import artifacts, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level
 from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, image_keys, make_tapped_runner, run_tapped,
@@ -312,6 +315,11 @@ def main(argv=None) -> dict:
             nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
             res, votes, clean_pred, taps = run_tapped(compiled[0], tap, sel, (ka, kd, kc), protocol,
                                                       level=(nu, sigma))
+            ok = successes(sel, res, votes, clean_pred, False, m, eps, norm)
+            scores_clean = np.asarray(pytree.call(clean, jnp.asarray(res.x_adv), None))
+            artifacts.write(artifact_file(out, name, defense, level), artifacts.cell_arrays(
+                f"{name}/{defense}/{level:g}", sel, res, votes, clean_pred, None, scores_clean,
+                {"success" + k[3:]: v for k, v in ok.items()}))  # before the row is logged
             label = "none" if level == 0.0 else (f"SND nu={level:g}" if defense == "input_noise"
                                                  else f"output sigma={level:g}")
             return {"attack": name, "norm": norm, "eps": eps, "defense": defense, "level": level,
@@ -339,6 +347,11 @@ def main(argv=None) -> dict:
              f"untargeted decision attacks on {cfg['dataset']}/{cfg['model']} ({cfg['n_images']} images)")
     write_timing(out, {**timing, "resumed_rows": log.resumed}, t_start)
     return results
+
+
+def artifact_file(out: Path, attack: str, defense: str, level: float) -> Path:
+    """The artifact of one (attack, defense, level) row: ``artifacts/<attack>-<defense>-<level>.npz``."""
+    return out / artifacts.ARTIFACTS / f"{attack}-{defense}-{level:g}.npz"
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments import decision_attacks as exp
+from rnd_jax import artifacts
 
 
 def test_help_lists_every_option(capsys):
@@ -48,6 +50,12 @@ def test_smoke_run_writes_results(tmp_path, digits_model, cache_dir):
             assert r["asr@600"] >= 1 / 3
         else:
             assert 0.0 <= r["p_mis_clean"] <= r["p_mis"] <= 1.0  # noise flips more answers near the boundary
+        # each row's artifact: its images' records, agreeing with the row's metrics
+        a = artifacts.read(exp.artifact_file(out, r["attack"], r["defense"], r["level"]))
+        assert a["x_adv"].shape == (r["n_images"], 8, 8, 1) and int(a["queries"].sum()) == r["queries_total"]
+        assert float(np.mean(a["success"] & (a["queries"] <= 600))) == r["asr@600"]
+        assert float(np.mean(a["success_lucky"] & (a["queries"] <= 200))) == r["asr_lucky@200"]
+        assert a["scores_clean"].shape == (r["n_images"], 10) and (a["trace_queries"][:, 0] >= 0).all()
 
 
 def test_smoke_run_replays_bit_identically(tmp_path, digits_model, cache_dir):
