@@ -18,7 +18,9 @@ equal by construction, and the run fails if they are not. ``host_calls`` is the 
 trips. The 9 success checks per image and the clean predictions are asked after the attack and
 reported apart (``host_eval_queries``).
 
-Writes ``results.json`` (config + rows), ``results.csv`` and ``asr.png`` to ``--out``.
+Writes ``results.json`` (config + rows), ``results.csv``, ``asr.png`` and
+``artifacts/<attack>-<sigma>.npz`` (each row's final points, traces and per-image records:
+:mod:`rnd_jax.artifacts`) to ``--out``.
 """
 
 from __future__ import annotations
@@ -127,11 +129,11 @@ def main(argv=None) -> dict:
     from sklearn.neural_network import MLPClassifier
     from tqdm.auto import tqdm
 
-    from rnd_jax import data, pytree
+    from rnd_jax import artifacts, data, pytree
     from rnd_jax.attacks import Context, make_attack
     from rnd_jax.attacks.driver import validate
     from rnd_jax.defenses import output_noise
-    from rnd_jax.evaluate import Protocol, image_keys, select_images, summarize
+    from rnd_jax.evaluate import Protocol, image_keys, select_images, successes, summarize
     from rnd_jax.foreign import HostModel, host_scorer, sklearn_predict
     from rnd_jax.oracle import Oracle
 
@@ -177,11 +179,18 @@ def main(argv=None) -> dict:
         votes, clean_pred = eval_program((defended, clean, False, protocol.check_queries), res.x_adv, sel.labels,
                                          jnp.full_like(jnp.asarray(sel.labels), -1), keys[2])
         res = jax.tree.map(np.asarray, res)
+        eval_points = host.points
         m = summarize(sel, res, np.asarray(votes), np.asarray(clean_pred), False, protocol.check_queries,
                       protocol.eps, protocol.norm)
+        ok = successes(sel, res, np.asarray(votes), np.asarray(clean_pred), False, protocol.check_queries,
+                       protocol.eps, protocol.norm)
+        scores_clean = np.asarray(pytree.call(clean, jnp.asarray(res.x_adv), None))
+        artifacts.write(artifact_file(out, name, sigma), artifacts.cell_arrays(
+            f"{name}/{sigma:g}", sel, res, votes, clean_pred, None, scores_clean,
+            {"success" + k[3:]: v for k, v in ok.items()}))  # before the row is logged
         timing[f"{name}@{sigma:g}"] = time.time() - t0
         return {"attack": name, "sigma": sigma, "budget": budget, **m, "host_queries": host_q,
-                "driver_queries": driver_q, "host_calls": host_calls, "host_eval_queries": host.points,
+                "driver_queries": driver_q, "host_calls": host_calls, "host_eval_queries": eval_points,
                 "seconds": time.time() - t0}
 
     for name, sigma in tqdm(cells, desc="cells", disable=not show, file=sys.stderr):
@@ -223,6 +232,13 @@ def _plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def artifact_file(out, attack: str, sigma: float):
+    """The artifact of one (attack, sigma) row: ``artifacts/<attack>-<sigma>.npz``."""
+    from rnd_jax import artifacts
+
+    return out / artifacts.ARTIFACTS / f"{attack}-{sigma:g}.npz"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import foreign_model
 from experiments import nes_vs_output_noise as nes_exp
-from rnd_jax import models, weights
+from rnd_jax import artifacts, models, weights
 
 
 def test_foreign_model_smoke_counts_agree(tmp_path):
@@ -24,6 +24,10 @@ def test_foreign_model_smoke_counts_agree(tmp_path):
     assert res["rows"][0]["asr"] > 0  # Square fools the undefended MLP
     for f in ("results.csv", "asr.png", "timing.json"):
         assert (out / f).stat().st_size > 0
+    for r in res["rows"]:  # each row's artifact agrees with the row
+        a = artifacts.read(foreign_model.artifact_file(out, r["attack"], r["sigma"]))
+        assert float(a["success"].mean()) == r["asr"] and float(a["success_lucky"].mean()) == r["asr_lucky"]
+        assert a["x_adv"].shape == (r["n_images"], 8, 8, 1) and a["scores_clean"].shape == (r["n_images"], 10)
 
 
 @pytest.mark.parametrize("argv", [["--attacks", "nope"], ["--attacks", "nes_pi"], ["--sigmas", "-1"],
