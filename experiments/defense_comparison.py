@@ -23,7 +23,9 @@ Default run (digits, 50 images; about 10 minutes on 2 CPU cores)::
 
 Outputs under ``--out``: ``results.json`` (every table and the calibrations), ``results.csv``
 (main table), ``layers.csv``, ``baselines.csv``, ``calibration.csv``, ``config.json``,
-``robust_accuracy.png`` and ``timing.json``. ``rows.jsonl`` holds each calibration and each row of
+``robust_accuracy.png``, ``artifacts/<table>-<row>-<attack>.npz`` (each attack cell's final points, traces
+and per-image records: :mod:`rnd_jax.artifacts`; e.g. ``main-output_noise-0.01-nes.npz``,
+``layer-conv1-nes.npz``, ``baseline-quantize_4_bit-nes-xent.npz``) and ``timing.json``. ``rows.jsonl`` holds each calibration and each row of
 the tables as soon as it is finished (a row of the main table is one defense cell, all attacks): a
 killed run, started again with the same options, skips those and ends with the same ``results.json``.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 
@@ -46,7 +49,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from experiments.common import (add_protocol_args, apply_smoke, check_out, check_resumable, cli,  # noqa: E402
                                 dataset_info, given_options, open_run, resolve_model, setup, table, write_csv,
                                 write_json, write_timing)
-from rnd_jax import data, grids, models  # noqa: E402
+from rnd_jax import artifacts, data, grids, models  # noqa: E402
 from rnd_jax.attacks import ATTACKS, Context, make_attack  # noqa: E402
 from rnd_jax.calibrate import calibrate  # noqa: E402
 from rnd_jax.defenses import DEFENSES, build_defense  # noqa: E402
@@ -191,15 +194,18 @@ def main(argv=None) -> dict:
                      "targeted": {"selected": int(sel_t.selected), "attacked": int(len(sel_t.labels))}}
     log = open_run(out, cfg)  # the run is valid: config.json, then one line per finished row
 
-    def attack_cell(name, defended, targeted=False, sel=sel_u, keys=keys_u, **overrides):
-        """One cell: untargeted under RFD's protocol and attack settings, targeted under Aithal & Li's."""
+    def attack_cell(name, defended, tag, targeted=False, sel=sel_u, keys=keys_u, **overrides):
+        """One cell: untargeted under RFD's protocol and attack settings, targeted under Aithal & Li's; its
+        artifact is ``artifacts/<tag>.npz``."""
         conf = attack_config(name, targeted, **overrides)
         attack = make_attack(name, ctx, **conf)
         rfd = dict(stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"], pool=cfg["pool"],
                    balanced=cfg["balanced"])
         protocol = Protocol(n_images=cfg["n_images"], targeted=targeted, budget=budget, eps=conf.get("eps"),
                             norm=conf.get("norm", "linf"), acc_draws=cfg["draws"], **({} if targeted else rfd))
-        row, _ = evaluate_cell(attack, defended, clean, sel, keys, protocol, cfg["budgets"])
+        keep = {}
+        row, _ = evaluate_cell(attack, defended, clean, sel, keys, protocol, cfg["budgets"], keep=keep)
+        artifacts.write(artifact_file(out, tag), keep)  # before the row is logged
         return row
 
     def as_level(fam, level):
@@ -235,7 +241,7 @@ def main(argv=None) -> dict:
             defended = build_defense(fam, model, params, as_level(fam, level), shape)
             row = {"defense": fam, "target_drop": drop, "level": level, "accuracy": acc}
             for a in cfg["attacks"]:
-                r = attack_cell(a, defended)
+                r = attack_cell(a, defended, f"main-{fam}-{drop if drop is None else f'{drop:g}'}-{a}")
                 for b in cfg["budgets"]:
                     row[f"{a}_asr_{b}"] = r[f"asr_stop_at_{b}"]
                     row[f"{a}_robust_{b}"] = robust_all(r, b)
@@ -258,7 +264,7 @@ def main(argv=None) -> dict:
         c = calibrate(model, params, "feature_noise", cfg["layer_drop"], x_test, y_test, k_calib, draws=cfg["draws"],
                       layers=layer)
         r = attack_cell("nes", build_defense("feature_noise", model, params, as_level("feature_noise", c.level), shape,
-                                             layers=layer))
+                                             layers=layer), f"layer-{layer}-nes")
         return {"layer": layer, "nu": c.level, "accuracy": c.accuracy,
                 "grad_ratio": float(np.mean(np.asarray(gh[layer] / gx))),
                 **{f"nes_robust_{b}": robust_all(r, b) for b in cfg["budgets"]}}
@@ -279,7 +285,8 @@ def main(argv=None) -> dict:
         defended = build_defense(fam, model, params, as_level(fam, level), shape, **opts)
         row = {"defense": label}
         for loss in ("xent",) if args.smoke else ("xent", "cw"):  # smoke: one loss (a compiled program less)
-            r = attack_cell("nes", defended, targeted=True, sel=sel_t, keys=keys_t, loss=loss)
+            r = attack_cell("nes", defended, f"baseline-{label}-nes-{loss}", targeted=True, sel=sel_t, keys=keys_t,
+                            loss=loss)
             row[f"nes_{loss}_asr_lucky"] = r["asr_lucky"]
             row[f"nes_{loss}_asr"] = r["asr"]
             row[f"nes_{loss}_queries_mean"] = r["queries_mean"]
@@ -335,6 +342,11 @@ def _plot(rows, attacks, b_lo, b_hi, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def artifact_file(out, tag: str):
+    """``artifacts/<tag>.npz``, the tag's characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
+    return out / artifacts.ARTIFACTS / (re.sub(r"[^A-Za-z0-9._-]", "_", tag) + ".npz")
 
 
 if __name__ == "__main__":
