@@ -422,7 +422,7 @@ def main(argv=None) -> dict:
 
 def artifact_file(out: Path, attack: str, defense: str, level: float) -> Path:
     """The artifact of one (attack, defense, level) row: ``artifacts/<attack>-<defense>-<level>.npz``."""
-    return out / artifacts.ARTIFACTS / f"{attack}-{defense}-{level:g}.npz"
+    return artifacts.row_path(out, attack, defense, float(level))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ from experiments.common import (add_model_args, add_protocol_args, add_run_args,
 from rnd_jax import artifacts, pytree
 from rnd_jax.attacks import ATTACKS, Context, make_attack
 from rnd_jax.defenses import check_level
-from rnd_jax.evaluate import (Protocol, QueryTap, compile_runner, image_keys, make_tapped_runner, run_tapped,
+from rnd_jax.evaluate import (Protocol, QueryTap, cell_artifact, compile_runner, image_keys, make_tapped_runner,
+                              run_tapped,
                               select_images, successes, validate_selection)
 from rnd_jax.oracle import Oracle, query_keys
 
@@ -315,11 +316,8 @@ def main(argv=None) -> dict:
             nu, sigma = (level, 0.0) if defense == "input_noise" else (0.0, level)
             res, votes, clean_pred, taps = run_tapped(compiled[0], tap, sel, (ka, kd, kc), protocol,
                                                       level=(nu, sigma))
-            ok = successes(sel, res, votes, clean_pred, False, m, eps, norm)
-            scores_clean = np.asarray(pytree.call(clean, jnp.asarray(res.x_adv), None))
-            artifacts.write(artifact_file(out, name, defense, level), artifacts.cell_arrays(
-                f"{name}/{defense}/{level:g}", sel, res, votes, clean_pred, None, scores_clean,
-                {"success" + k[3:]: v for k, v in ok.items()}))  # before the row is logged
+            artifacts.write(artifact_file(out, name, defense, level), cell_artifact(  # before the row is logged
+                f"{name}/{defense}/{level:g}", sel, res, votes, clean_pred, protocol, clean))
             label = "none" if level == 0.0 else (f"SND nu={level:g}" if defense == "input_noise"
                                                  else f"output sigma={level:g}")
             return {"attack": name, "norm": norm, "eps": eps, "defense": defense, "level": level,
@@ -351,7 +349,7 @@ def main(argv=None) -> dict:
 
 def artifact_file(out: Path, attack: str, defense: str, level: float) -> Path:
     """The artifact of one (attack, defense, level) row: ``artifacts/<attack>-<defense>-<level>.npz``."""
-    return out / artifacts.ARTIFACTS / f"{attack}-{defense}-{level:g}.npz"
+    return artifacts.row_path(out, attack, defense, float(level))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 
@@ -196,7 +195,7 @@ def main(argv=None) -> dict:
 
     def attack_cell(name, defended, tag, targeted=False, sel=sel_u, keys=keys_u, **overrides):
         """One cell: untargeted under RFD's protocol and attack settings, targeted under Aithal & Li's; its
-        artifact is ``artifacts/<tag>.npz``."""
+        artifact is :func:`artifact_file` of the parts ``tag``."""
         conf = attack_config(name, targeted, **overrides)
         attack = make_attack(name, ctx, **conf)
         rfd = dict(stop_rule=cfg["stop_rule"], count_checks=cfg["count_checks"], pool=cfg["pool"],
@@ -205,7 +204,7 @@ def main(argv=None) -> dict:
                             norm=conf.get("norm", "linf"), acc_draws=cfg["draws"], **({} if targeted else rfd))
         keep = {}
         row, _ = evaluate_cell(attack, defended, clean, sel, keys, protocol, cfg["budgets"], keep=keep)
-        artifacts.write(artifact_file(out, tag), keep)  # before the row is logged
+        artifacts.write(artifact_file(out, *tag), keep)  # before the row is logged
         return row
 
     def as_level(fam, level):
@@ -241,7 +240,7 @@ def main(argv=None) -> dict:
             defended = build_defense(fam, model, params, as_level(fam, level), shape)
             row = {"defense": fam, "target_drop": drop, "level": level, "accuracy": acc}
             for a in cfg["attacks"]:
-                r = attack_cell(a, defended, f"main-{fam}-{drop if drop is None else f'{drop:g}'}-{a}")
+                r = attack_cell(a, defended, ("main", fam, drop, a))
                 for b in cfg["budgets"]:
                     row[f"{a}_asr_{b}"] = r[f"asr_stop_at_{b}"]
                     row[f"{a}_robust_{b}"] = robust_all(r, b)
@@ -264,7 +263,7 @@ def main(argv=None) -> dict:
         c = calibrate(model, params, "feature_noise", cfg["layer_drop"], x_test, y_test, k_calib, draws=cfg["draws"],
                       layers=layer)
         r = attack_cell("nes", build_defense("feature_noise", model, params, as_level("feature_noise", c.level), shape,
-                                             layers=layer), f"layer-{layer}-nes")
+                                             layers=layer), ("layer", layer, "nes"))
         return {"layer": layer, "nu": c.level, "accuracy": c.accuracy,
                 "grad_ratio": float(np.mean(np.asarray(gh[layer] / gx))),
                 **{f"nes_robust_{b}": robust_all(r, b) for b in cfg["budgets"]}}
@@ -285,7 +284,7 @@ def main(argv=None) -> dict:
         defended = build_defense(fam, model, params, as_level(fam, level), shape, **opts)
         row = {"defense": label}
         for loss in ("xent",) if args.smoke else ("xent", "cw"):  # smoke: one loss (a compiled program less)
-            r = attack_cell("nes", defended, f"baseline-{label}-nes-{loss}", targeted=True, sel=sel_t, keys=keys_t,
+            r = attack_cell("nes", defended, ("baseline", label, "nes", loss), targeted=True, sel=sel_t, keys=keys_t,
                             loss=loss)
             row[f"nes_{loss}_asr_lucky"] = r["asr_lucky"]
             row[f"nes_{loss}_asr"] = r["asr"]
@@ -344,9 +343,9 @@ def _plot(rows, attacks, b_lo, b_hi, path):
     plt.close(fig)
 
 
-def artifact_file(out, tag: str):
-    """``artifacts/<tag>.npz``, the tag's characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
-    return out / artifacts.ARTIFACTS / (re.sub(r"[^A-Za-z0-9._-]", "_", tag) + ".npz")
+def artifact_file(out, *parts):
+    """``artifacts/<parts joined by '-'>.npz`` (:func:`rnd_jax.artifacts.row_path`), e.g. ``main-none-None-nes``."""
+    return artifacts.row_path(out, *parts)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     from rnd_jax.attacks import Context, make_attack
     from rnd_jax.attacks.driver import validate
     from rnd_jax.defenses import output_noise
-    from rnd_jax.evaluate import Protocol, image_keys, select_images, successes, summarize
+    from rnd_jax.evaluate import Protocol, cell_artifact, image_keys, select_images, summarize
     from rnd_jax.foreign import HostModel, host_scorer, sklearn_predict
     from rnd_jax.oracle import Oracle
 
@@ -182,12 +182,8 @@ def main(argv=None) -> dict:
         eval_points = host.points
         m = summarize(sel, res, np.asarray(votes), np.asarray(clean_pred), False, protocol.check_queries,
                       protocol.eps, protocol.norm)
-        ok = successes(sel, res, np.asarray(votes), np.asarray(clean_pred), False, protocol.check_queries,
-                       protocol.eps, protocol.norm)
-        scores_clean = np.asarray(pytree.call(clean, jnp.asarray(res.x_adv), None))
-        artifacts.write(artifact_file(out, name, sigma), artifacts.cell_arrays(
-            f"{name}/{sigma:g}", sel, res, votes, clean_pred, None, scores_clean,
-            {"success" + k[3:]: v for k, v in ok.items()}))  # before the row is logged
+        artifacts.write(artifact_file(out, name, sigma), cell_artifact(  # before the row is logged
+            f"{name}/{sigma:g}", sel, res, np.asarray(votes), np.asarray(clean_pred), protocol, clean))
         timing[f"{name}@{sigma:g}"] = time.time() - t0
         return {"attack": name, "sigma": sigma, "budget": budget, **m, "host_queries": host_q,
                 "driver_queries": driver_q, "host_calls": host_calls, "host_eval_queries": eval_points,
@@ -238,7 +234,7 @@ def artifact_file(out, attack: str, sigma: float):
     """The artifact of one (attack, sigma) row: ``artifacts/<attack>-<sigma>.npz``."""
     from rnd_jax import artifacts
 
-    return out / artifacts.ARTIFACTS / f"{attack}-{sigma:g}.npz"
+    return artifacts.row_path(out, attack, float(sigma))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -57,6 +58,13 @@ _KEY_PREFIX = "key:"  # a leaf saved as the key data of a typed PRNG key array o
 
 def artifact_path(out, cell_id: str) -> Path:
     return Path(out) / ARTIFACTS / f"{cell_id}.npz"
+
+
+def row_path(out, *parts) -> Path:
+    """``<out>/artifacts/<parts joined by '-'>.npz`` for an experiment's row: floats as ``:g``, other parts as
+    ``str``, characters outside ``[A-Za-z0-9._+-]`` replaced by ``_``."""
+    name = "-".join(f"{p:g}" if isinstance(p, float) else str(p) for p in parts)
+    return Path(out) / ARTIFACTS / (re.sub(r"[^A-Za-z0-9._+-]", "_", name) + ".npz")
 
 
 def snapshot_path(out, cell_id: str) -> Path:

@@ -380,6 +380,25 @@ def _mean(a):
 SUCCESS_KINDS = ("asr", "asr_stop", "asr_clean", "asr_lucky")
 
 
+def success_key(kind: str) -> str:
+    """The per-image record of a success notion: ``asr`` -> ``success``, ``asr_stop`` -> ``success_stop``, ..."""
+    return "success" + kind[3:]
+
+
+def cell_artifact(cell_id: str, sel: Selection, res: Result, votes, clean_pred, protocol: Protocol,
+                  clean: Scorer | None = None) -> dict:
+    """The artifact arrays of one cell (:func:`rnd_jax.artifacts.cell_arrays`): its records, every success
+    flag under ``protocol`` and, with ``clean``, the clean scores of the final points."""
+    from rnd_jax import artifacts
+
+    res = jax.tree.map(np.asarray, res)
+    ok = successes(sel, res, votes, clean_pred, protocol.targeted, protocol.check_queries, protocol.eps,
+                   protocol.norm)
+    scores_clean = None if clean is None else np.asarray(pytree.call(clean, jnp.asarray(res.x_adv), None))
+    return artifacts.cell_arrays(cell_id, sel, res, votes, clean_pred, None, scores_clean,
+                                 {success_key(k): v for k, v in ok.items()})
+
+
 def successes(sel: Selection, res: Result, votes, clean_pred, targeted: bool, check_queries: int,
               eps: float | None = None, norm: str = "linf") -> dict[str, np.ndarray]:
     """Per image, for each success notion of :data:`SUCCESS_KINDS` (module docstring): bool[n].
@@ -534,11 +553,7 @@ def run_cell(runner, sel: Selection, keys, protocol: Protocol, budgets=(), keep:
         for kind, v in ok.items():
             row[f"{kind}_at_{b}"] = float(np.mean(v & (q <= b)))
     if keep is not None:
-        from rnd_jax import artifacts
-
-        scores_clean = None if clean is None else pytree.call(clean, jnp.asarray(res.x_adv), None)
-        keep.update(artifacts.cell_arrays("", sel, jax.tree.map(np.asarray, res), votes, clean_pred, None,
-                                          scores_clean, {"success" + k[3:]: v for k, v in ok.items()}))
+        keep.update(cell_artifact("", sel, res, votes, clean_pred, protocol, clean))
     return row, per_image(sel, res, votes, clean_pred)
 
 

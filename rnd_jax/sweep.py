@@ -149,7 +149,7 @@ from rnd_jax.defenses import DEFENSES, FEATURE_STD, build_defense, check_level, 
 from rnd_jax.evaluate import (Chunked, Protocol, QueryTap, check_success, compile_runner, defended_accuracy,
                               image_keys,
                               make_chunked_runner, make_runner, make_tapped_runner, per_image, run_tapped,
-                              select_images, successes, summarize, validate_selection)
+                              select_images, success_key, successes, summarize, validate_selection)
 from rnd_jax.evaluate import predict as evaluate_predict
 from rnd_jax.evaluate import within_eps
 from rnd_jax.oracle import Oracle, query_keys
@@ -1531,11 +1531,6 @@ def _chunk_going(bundle, lvl, carry):
 def _chunk_end(bundle, lvl, carry, labels, targets, kc):
     out = _chunked(bundle, lvl).end(carry, labels, targets, jax.random.wrap_key_data(kc))
     return (*out, *_scores_at(bundle[1:3], lvl, out[0].x_adv, kc))
-
-
-def success_key(kind: str) -> str:
-    """The per-image record of a success notion: ``asr`` -> ``success``, ``asr_stop`` -> ``success_stop``, ..."""
-    return "success" + kind[3:]
 
 
 def _is_writer() -> bool:

@@ -37,12 +37,12 @@ def test_smoke(tmp_path, digits_model, cache_dir):
     none = res["main"][0]
     assert none["nes_robust_510"] <= 0.5  # undefended NES fools most images even at 510 queries
     # each attack cell's artifact: its images' records, agreeing with the row
-    a = artifacts.read(exp.artifact_file(out, "main-none-None-nes"))
+    a = artifacts.read(exp.artifact_file(out, "main", "none", None, "nes"))
     assert a["x_adv"].shape[0] == res["config"]["images"]["untargeted"]["attacked"]
     assert float(np.mean(a["success_stop"] & (a["queries"] <= 510))) == pytest.approx(
         none["nes_asr_510"])
     for r in res["layers"]:
-        assert exp.artifact_file(out, f"layer-{r['layer']}-nes").exists()
+        assert exp.artifact_file(out, "layer", r["layer"], "nes").exists()
 
     # The same run again into the same folder: every calibration and row comes from rows.jsonl (nothing is
     # calibrated or attacked again) and results.json is byte-identical.
