@@ -113,3 +113,41 @@ def test_array_level_is_an_argument():
     np.testing.assert_allclose(outs[2], output_noise(clean, 0.1)(x, keys), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="sigma"):
         output_noise(clean, jnp.float32(-1.0))
+
+
+
+TRACES = []
+
+
+class Counted(nn.Module):
+    """A linear model that records each trace of its forward pass (a Python side effect at trace time)."""
+
+    tag: object = 0  # hashable by default; an array here makes the module unhashable
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        TRACES.append(x.shape)
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("hashable", [True, False])
+def test_the_model_is_traced_once_per_batch_shape_however_many_places_ask(hashable):
+    model = Counted() if hashable else Counted(np.zeros(3))
+    params = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))["params"]
+    scorer = model_scorer(model, params)
+    x = jax.random.uniform(jax.random.key(2), (4, 8, 8, 1))
+
+    def many(x):  # three places ask 4 points, one place 2
+        a = scorer(x, None)
+        b = jax.lax.fori_loop(0, 2, lambda i, acc: acc + scorer(x * 0.5, None), jnp.zeros((4, 10)))
+        c = jax.lax.cond(x[0, 0, 0, 0] > 0.5, lambda: scorer(x, None), lambda: scorer(x * 2, None))
+        return a + b + c, scorer(x[:2], None)
+
+    TRACES.clear()
+    out = jax.jit(many)(x)
+    if hashable:
+        assert TRACES == [(4, 8, 8, 1), (2, 8, 8, 1)]
+    else:  # an unhashable module is traced at every place, with the same answers
+        assert len(TRACES) == 5
+    d = params["Dense_0"]
+    np.testing.assert_allclose(out[1], jax.nn.softmax(x[:2].reshape(2, -1) @ d["kernel"] + d["bias"], -1), rtol=1e-6)
