@@ -287,6 +287,25 @@ def ray_point(x0, theta, lam):
     return jnp.clip(x0 + lam * theta, 0.0, 1.0)
 
 
+_PROBE, _SCALE, _BISECT, _DONE = 0, 1, 2, 3  # phases of a ray search
+
+
+class _Ray(NamedTuple):
+    """The carry of :func:`ray_search`'s one loop."""
+
+    phase: jax.Array
+    k: jax.Array  # scaling queries made
+    lam: jax.Array  # the scaled end (last tried)
+    prev: jax.Array  # the end before it
+    reached: jax.Array  # the scaled end got the wanted answer
+    grow: jax.Array  # scaling up (1.01) rather than down (0.99)
+    lo: jax.Array
+    hi: jax.Array
+    ok: jax.Array
+    i: jax.Array  # bisection queries made
+    offset: jax.Array
+
+
 def ray_search(oracle, offset, x0, theta, lam0, tol, max_scale: int, max_bisect: int, cls, targeted: bool,
                expand: bool):
     """``g(theta)``: the smallest ``lam`` whose ray point is adversarial, searched locally around ``lam0``.
@@ -299,46 +318,51 @@ def ray_search(oracle, offset, x0, theta, lam0, tol, max_scale: int, max_bisect:
     only needs ``g(theta)`` when it is below ``lam0`` (the line searches). Worst case
     ``1 + max_scale + max_bisect`` queries. Returns ``(g, ok, offset)``; ``ok`` is false when no
     adversarial point was seen (then ``g`` is the last upper end tried).
+
+    The three phases (probe, scaling, bisection) run as one loop that asks one point per iteration:
+    a program holds one copy of the model for the whole search instead of three, and under ``vmap``
+    images in different phases share an iteration. Each image asks the same points in the same order
+    as three loops one after the other would.
     """
-    adv0, offset = ask(oracle, offset, ray_point(x0, theta, lam0)[None], cls, targeted)
-    adv0 = adv0[0]
     lam0 = jnp.asarray(lam0, jnp.float32)
+    f32, i32, b = jnp.float32, jnp.int32, jnp.zeros((), bool)
 
-    def scale_loop(factor, want_adv, start):
-        # move the end by `factor` until the answer there is `want_adv`: (lam, previous lam, reached, offset)
-        def cond(c):
-            k, _, _, reached, _ = c
-            return (k < max_scale) & ~reached
+    def settle(c: _Ray) -> _Ray:
+        # a phase whose loop condition fails moves on (before asking anything): scaling -> bisection -> done
+        scale_over = (c.phase == _SCALE) & ~((c.k < max_scale) & ~c.reached)
+        shrink_lo = jnp.where(c.reached, c.lam, 0.0)
+        shrink_hi = jnp.where(c.reached, c.prev, c.lam)
+        lo = jnp.where(c.grow, c.prev, shrink_lo)
+        hi = jnp.where(c.grow, c.lam, shrink_hi)
+        ok = jnp.where(c.grow, c.reached, True)
+        c = c._replace(lo=jnp.where(scale_over, lo, c.lo), hi=jnp.where(scale_over, hi, c.hi),
+                       ok=jnp.where(scale_over, ok, c.ok),
+                       phase=jnp.where(scale_over, jnp.where(ok, _BISECT, _DONE), c.phase))
+        bisect_over = (c.phase == _BISECT) & ~((c.i < max_bisect) & (c.hi - c.lo > tol))
+        return c._replace(phase=jnp.where(bisect_over, _DONE, c.phase))
 
-        def body(c):
-            k, lam, _, _, off = c
-            nxt = lam * factor
-            a, off = ask(oracle, off, ray_point(x0, theta, nxt)[None], cls, targeted)
-            return k + 1, nxt, lam, a[0] == want_adv, off
+    def body(c: _Ray) -> _Ray:
+        probing, scaling = c.phase == _PROBE, c.phase == _SCALE
+        factor = jnp.where(c.grow, jnp.asarray(1.01, f32), jnp.asarray(0.99, f32))
+        scaled = c.lam * factor
+        mid = 0.5 * (c.lo + c.hi)
+        lam = jnp.where(probing, lam0, jnp.where(scaling, scaled, mid))
+        adv, off = ask(oracle, c.offset, ray_point(x0, theta, lam)[None], cls, targeted)
+        adv = adv[0]
+        # probe: adversarial -> shrink; else grow (expand) or stop with lo = hi = lam0
+        after_probe = c._replace(phase=jnp.where(adv | expand, _SCALE, _DONE), grow=~adv, k=jnp.zeros((), i32),
+                                 lam=lam0, prev=lam0, reached=b, lo=lam0, hi=lam0, ok=b)
+        after_scale = c._replace(k=c.k + 1, lam=scaled, prev=c.lam, reached=adv == c.grow)
+        after_bisect = c._replace(i=c.i + 1, lo=jnp.where(adv, c.lo, mid), hi=jnp.where(adv, mid, c.hi))
+        nxt = jax.tree.map(lambda p, s, q: jnp.where(probing, p, jnp.where(scaling, s, q)),
+                           after_probe, after_scale, after_bisect)
+        return settle(nxt._replace(offset=off))
 
-        _, lam, prev, reached, off = live_while(
-            cond, body, (jnp.zeros((), jnp.int32), lam0, lam0, jnp.zeros((), bool), start))
-        return lam, prev, reached, off
-
-    def shrink(c):
-        _, _, _, off = c
-        lo, prev, reached, off = scale_loop(0.99, False, off)
-        return jnp.where(reached, lo, 0.0), jnp.where(reached, prev, lo), jnp.ones((), bool), off
-
-    def grow(c):
-        _, _, _, off = c
-        hi, prev, reached, off = scale_loop(1.01, True, off)
-        return prev, hi, reached, off
-
-    carry = (lam0, lam0, adv0, offset)
-    carry = run_if(adv0, shrink, carry)
-    if expand:
-        carry = run_if(~adv0, grow, carry)
-    lo, hi, ok, offset = carry
-    point = lambda lam: ray_point(x0, theta, lam)
-    _, hi2, offset = run_if(ok, lambda c: bisect(oracle, c[2], point, c[0], c[1], tol, max_bisect, cls, targeted),
-                            (lo, hi, offset))
-    return jnp.where(ok, hi2, hi), ok, offset
+    z = jnp.zeros((), f32)
+    init = _Ray(jnp.asarray(_PROBE, i32), jnp.zeros((), i32), lam0, lam0, b, b, z, z, b, jnp.zeros((), i32),
+                jnp.asarray(offset, i32))
+    c = live_while(lambda c: c.phase != _DONE, body, init)
+    return c.hi, c.ok, c.offset
 
 
 class LineSearch(NamedTuple):
@@ -346,6 +370,9 @@ class LineSearch(NamedTuple):
     g: jax.Array  # its g value
     alpha: jax.Array  # step size after the search
     offset: jax.Array
+
+
+_GROW, _SHRINK, _STOP = 0, 1, 2  # phases of a line search
 
 
 def opt_line_search(oracle, offset, x0, theta, g, grad, alpha, tol, cls, targeted: bool, max_trials: int,
@@ -357,44 +384,40 @@ def opt_line_search(oracle, offset, x0, theta, g, grad, alpha, tol, cls, targete
     until ``g(theta')`` beats ``g`` (at most ``max_trials`` trials each). A trial runs only while the
     step's ``allowance`` (an absolute offset) can still pay its worst case, so the caller's
     declared cost holds. Returns the best (theta, g) (the inputs when nothing improved) and alpha.
+
+    Both phases run as one loop of trials (one :func:`ray_search` in the program, so one copy of the
+    model); each image makes the same trials in the same order as two loops one after the other.
     """
     trial_worst = 1 + max_scale + max_bisect
+    g = jnp.asarray(g, jnp.float32)
 
-    def trial(th_from, a, g_ref, off):
-        th = unit(th_from - a * grad)
+    def settle(c):
+        phase, k, a, th_best, g_best, flag, off = c
+        room = off + trial_worst <= allowance
+        grow_over = (phase == _GROW) & ~((k < max_trials) & flag & room)
+        improved = g_best < g
+        phase = jnp.where(grow_over, jnp.where(improved, _STOP, _SHRINK), phase)
+        k = jnp.where(grow_over, 0, k)
+        flag = jnp.where(grow_over, False, flag)
+        shrink_over = (phase == _SHRINK) & ~((k < max_trials) & ~flag & room)
+        return jnp.where(shrink_over, _STOP, phase), k, a, th_best, g_best, flag, off
+
+    def body(c):
+        phase, k, a, th_best, g_best, _, off = c
+        growing = phase == _GROW
+        a_trial = jnp.where(growing, a, 0.25 * a)
+        g_ref = jnp.where(growing, g_best, g)
+        th = unit(theta - a_trial * grad)
         g_new, ok, off = ray_search(oracle, off, x0, th, g_ref, tol, max_scale, max_bisect, cls, targeted, False)
-        return th, jnp.where(ok, g_new, jnp.inf), off
+        g_new = jnp.where(ok, g_new, jnp.inf)
+        better = g_new < g_ref
+        a = jnp.where(growing, 2.0 * a_trial, a_trial)
+        return settle((phase, k + 1, a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better,
+                       off))
 
-    def up_cond(c):
-        k, _, _, _, go, off = c
-        return (k < max_trials) & go & (off + trial_worst <= allowance)
-
-    def up_body(c):
-        k, a, th_best, g_best, _, off = c
-        th, g_new, off = trial(theta, a, g_best, off)
-        better = g_new < g_best
-        return (k + 1, 2.0 * a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off)
-
-    _, alpha, th_best, g_best, _, offset = live_while(
-        up_cond, up_body, (jnp.zeros((), jnp.int32), alpha, theta, g, jnp.ones((), bool), offset))
-
-    def down_cond(c):
-        k, _, _, _, found, off = c
-        return (k < max_trials) & ~found & (off + trial_worst <= allowance)
-
-    def down_body(c):
-        k, a, th_best, g_best, _, off = c
-        a = 0.25 * a
-        th, g_new, off = trial(theta, a, g, off)
-        better = g_new < g
-        return (k + 1, a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off)
-
-    def down(c):
-        return live_while(down_cond, down_body, c)
-
-    improved = g_best < g
-    _, alpha, th_best, g_best, _, offset = run_if(
-        ~improved, down, (jnp.zeros((), jnp.int32), alpha, th_best, g_best, jnp.zeros((), bool), offset))
+    init = settle((jnp.asarray(_GROW, jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(alpha, jnp.float32), theta,
+                   g, jnp.ones((), bool), jnp.asarray(offset, jnp.int32)))
+    _, _, alpha, th_best, g_best, _, offset = live_while(lambda c: c[0] != _STOP, body, init)
     return LineSearch(th_best, g_best, alpha, offset)
 
 

@@ -1,0 +1,192 @@
+"""The OPT family's searches as single loops: the same points, answers and results as phase-by-phase loops.
+
+``_common.ray_search`` (probe, then scaling, then bisection) and ``_common.opt_line_search`` (grow, then
+shrink) each run as one ``live_while`` that asks one point per iteration, so a program holds one copy of
+the model per search. The witnesses below are the phase-by-phase loops (one loop per phase, one after
+the other). Both run on a noisy linear label model whose answer depends on each point's query number,
+so a single point asked out of turn changes the answers: results, ``ok`` flags and offsets must be
+bit-identical.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+from rnd_jax.attacks.decision import _common as C
+from rnd_jax.oracle import Oracle, live_while
+
+SHAPE = (4, 4, 1)
+D = 16
+
+
+def _linear_noisy(w, p, x, keys):
+    """Class 1 where ``<w, x> > 1`` (else 0), flipped with probability ``p`` by each point's key."""
+    s = jnp.tensordot(x.reshape(x.shape[0], -1), w, axes=1) - 1.0
+    top = (s > 0).astype(jnp.int32)
+    flip = jax.vmap(lambda k: jax.random.uniform(k) < p)(keys)
+    return jax.nn.one_hot(jnp.where(flip, 1 - top, top), 2)
+
+
+def oracle(p=0.15):
+    w = jnp.linspace(0.5, 1.5, D)
+    return Oracle(Partial(_linear_noisy, w, jnp.float32(p)), "label")
+
+
+# ---------------------------------------------------------------- witnesses: one loop per phase
+
+def witness_ray_search(orc, offset, x0, theta, lam0, tol, max_scale, max_bisect, cls, targeted, expand):
+    adv0, offset = C.ask(orc, offset, C.ray_point(x0, theta, lam0)[None], cls, targeted)
+    adv0 = adv0[0]
+    lam0 = jnp.asarray(lam0, jnp.float32)
+
+    def scale_loop(factor, want_adv, start):
+        def body(c):
+            k, lam, _, _, off = c
+            nxt = lam * factor
+            a, off = C.ask(orc, off, C.ray_point(x0, theta, nxt)[None], cls, targeted)
+            return k + 1, nxt, lam, a[0] == want_adv, off
+
+        _, lam, prev, reached, off = live_while(lambda c: (c[0] < max_scale) & ~c[3], body,
+                                                (jnp.zeros((), jnp.int32), lam0, lam0, jnp.zeros((), bool), start))
+        return lam, prev, reached, off
+
+    def shrink(c):
+        lo, prev, reached, off = scale_loop(0.99, False, c[3])
+        return jnp.where(reached, lo, 0.0), jnp.where(reached, prev, lo), jnp.ones((), bool), off
+
+    def grow(c):
+        hi, prev, reached, off = scale_loop(1.01, True, c[3])
+        return prev, hi, reached, off
+
+    carry = C.run_if(adv0, shrink, (lam0, lam0, adv0, offset))
+    if expand:
+        carry = C.run_if(~adv0, grow, carry)
+    lo, hi, ok, offset = carry
+    point = lambda lam: C.ray_point(x0, theta, lam)
+    _, hi2, offset = C.run_if(ok, lambda c: C.bisect(orc, c[2], point, c[0], c[1], tol, max_bisect, cls, targeted),
+                              (lo, hi, offset))
+    return jnp.where(ok, hi2, hi), ok, offset
+
+
+def witness_line_search(orc, offset, x0, theta, g, grad, alpha, tol, cls, targeted, max_trials, max_scale,
+                        max_bisect, allowance):
+    worst = 1 + max_scale + max_bisect
+
+    def trial(a, g_ref, off):
+        th = C.unit(theta - a * grad)
+        g_new, ok, off = witness_ray_search(orc, off, x0, th, g_ref, tol, max_scale, max_bisect, cls, targeted,
+                                            False)
+        return th, jnp.where(ok, g_new, jnp.inf), off
+
+    def up_body(c):
+        k, a, th_best, g_best, _, off = c
+        th, g_new, off = trial(a, g_best, off)
+        better = g_new < g_best
+        return k + 1, 2.0 * a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off
+
+    init = (jnp.zeros((), jnp.int32), alpha, theta, g, jnp.ones((), bool), offset)
+    _, alpha, th_best, g_best, _, offset = live_while(
+        lambda c: (c[0] < max_trials) & c[4] & (c[5] + worst <= allowance), up_body, init)
+
+    def down_body(c):
+        k, a, th_best, g_best, _, off = c
+        a = 0.25 * a
+        th, g_new, off = trial(a, g, off)
+        better = g_new < g
+        return k + 1, a, jnp.where(better, th, th_best), jnp.where(better, g_new, g_best), better, off
+
+    def down(c):
+        return live_while(lambda c: (c[0] < max_trials) & ~c[4] & (c[5] + worst <= allowance), down_body, c)
+
+    _, alpha, th_best, g_best, _, offset = C.run_if(
+        ~(g_best < g), down, (jnp.zeros((), jnp.int32), alpha, th_best, g_best, jnp.zeros((), bool), offset))
+    return th_best, g_best, alpha, offset
+
+
+# ---------------------------------------------------------------- cases
+
+N = 48
+
+
+def cases(seed):
+    """Per image: a start x0 (class 0), a unit direction, a defense key, and a distance guess around g."""
+    r = np.random.default_rng(seed)
+    x0 = r.uniform(0.0, 0.05, (N,) + SHAPE).astype(np.float32)
+    theta = r.normal(size=(N,) + SHAPE).astype(np.float32) + 0.6  # mostly towards class 1
+    theta /= np.linalg.norm(theta.reshape(N, -1), axis=1).reshape(N, 1, 1, 1)
+    lam0 = r.uniform(0.05, 2.5, N).astype(np.float32)  # below and above the boundary
+    grad = r.normal(size=(N,) + SHAPE).astype(np.float32)
+    keys = jax.random.split(jax.random.key(seed), N)
+    return jnp.asarray(x0), jnp.asarray(theta), jnp.asarray(lam0), jnp.asarray(grad), keys
+
+
+def _ray(fn, orc, expand, max_scale, tol):
+    def one(x0, theta, lam0, key):
+        o = orc.bind(key, 0)
+        return fn(o, jnp.zeros((), jnp.int32), x0, theta, lam0, tol, max_scale, 12, jnp.int32(0), False, expand)
+    return jax.jit(jax.vmap(one))
+
+
+def _line(fn, orc, allowance):
+    def one(x0, theta, lam0, grad, key):
+        o = orc.bind(key, 0)
+        return fn(o, jnp.zeros((), jnp.int32), x0, theta, lam0, grad, jnp.float32(0.2), jnp.float32(1e-3),
+                  jnp.int32(0), False, 6, 4, 12, allowance)
+    return jax.jit(jax.vmap(one))
+
+
+def _same(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.parametrize("expand,max_scale,tol", [(True, 10, 1e-3), (False, 10, 1e-3), (True, 2, 1e-4),
+                                                  (False, 0, 1e-3), (True, 5, 10.0)])
+def test_ray_search_asks_what_phase_by_phase_loops_ask(expand, max_scale, tol):
+    x0, theta, lam0, _, keys = cases(1)
+    orc = oracle()
+    got = _ray(C.ray_search, orc, expand, max_scale, tol)(x0, theta, lam0, keys)
+    want = _ray(witness_ray_search, orc, expand, max_scale, tol)(x0, theta, lam0, keys)
+    _same(got, want)
+    g, ok, off = map(np.asarray, got)
+    assert 0 < ok.sum() < N or not expand  # both outcomes occur
+    assert np.all(off >= 1) and np.all(off <= 1 + max_scale + 12)
+    if expand and tol < 1:
+        assert len(np.unique(off)) > 3  # the cases take different paths through the phases
+
+
+@pytest.mark.parametrize("allowance", [200, 40, 17])
+def test_line_search_makes_the_trials_grow_then_shrink_loops_make(allowance):
+    x0, theta, lam0, grad, keys = cases(2)
+    orc = oracle()
+    got = _line(C.opt_line_search, orc, allowance)(x0, theta, lam0, grad, keys)
+    want = _line(witness_line_search, orc, allowance)(x0, theta, lam0, grad, keys)
+    _same((got.theta, got.g, got.alpha, got.offset), want)
+    alpha = np.asarray(got.alpha)
+    if allowance >= 100:
+        assert np.any(alpha > 0.4) and np.any(alpha < 0.2)  # grow trials, and shrink trials
+    if allowance < 2 * 17:
+        assert np.all(alpha == 0.4)  # room for one (grow) trial only
+    assert np.all(np.asarray(got.offset) <= allowance)
+
+
+def test_each_search_asks_the_model_from_one_place():
+    """One traced oracle call per search: one copy of the model in a compiled program."""
+    traced = []
+
+    def counting(x, keys):
+        traced.append(x.shape)
+        return _linear_noisy(jnp.ones(D), 0.0, x, keys)
+
+    orc = Oracle(counting, "label")
+    x0, theta, lam0, grad, keys = cases(3)
+    o = orc.bind(keys[0], 0)
+    jax.make_jaxpr(lambda *a: C.ray_search(o, 0, *a, 1e-3, 10, 12, jnp.int32(0), False, True))(x0[0], theta[0],
+                                                                                             lam0[0])
+    assert len(traced) == 1
+    traced.clear()
+    jax.make_jaxpr(lambda *a: C.opt_line_search(o, 0, *a, jnp.float32(0.2), 1e-3, jnp.int32(0), False, 6, 4, 12,
+                                                200))(x0[0], theta[0], lam0[0], grad[0])
+    assert len(traced) == 1
