@@ -267,6 +267,24 @@ def start_step(oracle, offset, key, x0, cls, tries, cfg, pool: Pool):
     return Start(found, failed, tries, jnp.where(found, xs, x0)), offset
 
 
+def after_boundary(iterating, st, x_b, bisected, distance_of):
+    """The fields ``xb, dist_b, x, dist`` after a step's one boundary search (HSJA, GeoDA).
+
+    A step either searched a start (``iterating`` false: ``x_b`` is the start bisected to the boundary,
+    or ``x0`` when none was found) or iterated (``x_b`` is the point it moved to, bisected to the
+    boundary, when ``bisected``; else the boundary point stays). ``st`` holds the fields before the
+    search; ``distance_of(x)`` is a point's distance to ``x0``.
+    """
+    d_b = distance_of(x_b)
+    started = dict(xb=x_b, dist_b=jnp.where(bisected, d_b, jnp.inf), x=jnp.where(bisected, x_b, st.x),
+                   dist=jnp.where(bisected, d_b, st.dist))
+    xb_next = jnp.where(bisected, x_b, st.xb)
+    db_next = distance_of(xb_next)
+    x, dist = keep_best(st.x, st.dist, xb_next, db_next, bisected)
+    iterated = dict(xb=xb_next, dist_b=db_next, x=x, dist=dist)
+    return {k: jnp.where(iterating, iterated[k], started[k]) for k in started}
+
+
 def is_done(found, dist, eps):
     """The attack's own success: a start was found and the best distance is within ``eps``."""
     if eps is None:

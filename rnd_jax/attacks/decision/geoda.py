@@ -129,20 +129,14 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         k_start, k_probe = jax.random.split(k)
         x0, cls = state.x0, state.cls
 
-        def to_boundary(x_adv, off):
-            return C.boundary(oracle, off, x0, x_adv, "l2", cfg.tol, n_bisect, cls, targeted)
-
         def search(c):
-            st, off, _ = c
+            st, off, probes, _, _ = c
             s, off = C.start_step(oracle, off, k_start, x0, cls, st.tries, cfg, pool)
-            xb, off = C.run_if(s.found, lambda cc: to_boundary(*cc), (s.x, off))
-            d = C.distance(xb, x0, "l2")
-            st = st._replace(found=s.found, failed=s.failed, tries=s.tries, x=jnp.where(s.found, xb, st.x),
-                             dist=jnp.where(s.found, d, st.dist), xb=xb, dist_b=jnp.where(s.found, d, st.dist_b))
-            return st, off, jnp.zeros((), jnp.int32)
+            st = st._replace(found=s.found, failed=s.failed, tries=s.tries)
+            return st, off, probes, s.x, s.found  # the start, to bisect to the boundary when found
 
         def iterate(c):
-            st, off, _ = c
+            st, off, _, _, _ = c
             xb, db = st.xb, st.dist_b
             n_i = jnp.ceil(cfg.init_probes * growth ** st.it.astype(jnp.float32) / cfg.chunk)
             n_chunks = jnp.minimum(n_i, max_chunks).astype(jnp.int32)
@@ -171,16 +165,15 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
 
             j, ok, off = live_while(go_cond, go_body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), off))
             x_go = jnp.clip(x0 + j * step_len * direction, 0.0, 1.0)
-            x_new, off = C.run_if(ok, lambda cc: to_boundary(*cc), (x_go, off))
-            xb_next = jnp.where(ok, x_new, xb)
-            db_next = C.distance(xb_next, x0, "l2")
-            x, dist = C.keep_best(st.x, st.dist, xb_next, db_next, ok)
-            st = st._replace(xb=xb_next, dist_b=db_next, w=w, it=st.it + 1, x=x, dist=dist)
-            return st, off, n * cfg.chunk
+            return st._replace(w=w, it=st.it + 1), off, n * cfg.chunk, x_go, ok  # x_go: to bisect when ok
 
-        zero = jnp.zeros((), jnp.int32)
-        st, off, _ = C.run_if(~state.found, search, (state, zero, zero))
-        st, off, probes = C.run_if(state.found, iterate, (st, off, zero))
+        # one boundary search serves both phases (one copy of the model in the program)
+        zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+        carry = C.run_if(~state.found, search, (state, zero, zero, x0, no))
+        st, off, probes, x_q, bisect = C.run_if(state.found, iterate, carry)
+        x_b, off = C.run_if(bisect, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], "l2", cfg.tol, n_bisect, cls,
+                                                          targeted), (x_q, off))
+        st = st._replace(**C.after_boundary(state.found, st, x_b, bisect, lambda x: C.distance(x, x0, "l2")))
         st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
         return st, GeoDAInfo(loss=st.dist, queries=off, probes=probes)
 

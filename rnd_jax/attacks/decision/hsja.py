@@ -123,18 +123,13 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         x0, cls = state.x0, state.cls
 
         def search(c):
-            st, off, _ = c
+            st, off, evals, _, _ = c
             s, off = C.start_step(oracle, off, k_start, x0, cls, st.tries, cfg, pool)
-            xb, off = C.run_if(s.found, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], norm, theta, n_bisect,
-                                                               cls, targeted), (s.x, off))
-            db = C.distance(xb, x0, norm)
-            st = st._replace(found=s.found, failed=s.failed, tries=s.tries, xb=xb,
-                             dist_b=jnp.where(s.found, db, jnp.inf),
-                             x=jnp.where(s.found, xb, st.x), dist=jnp.where(s.found, db, st.dist))
-            return st, off, jnp.zeros((), jnp.int32)
+            st = st._replace(found=s.found, failed=s.failed, tries=s.tries)
+            return st, off, evals, s.x, s.found  # the start, to bisect to the boundary when found
 
         def iterate(c):
-            st, off, _ = c
+            st, off, _, _, _ = c
             t = st.t
             tf = t.astype(jnp.float32)
             xb, db = st.xb, st.dist_b
@@ -183,18 +178,16 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
             _, xi, moved, off = live_while(gs_cond, gs_body,
                                                    (jnp.zeros((), jnp.int32), xi0, jnp.zeros((), bool), off))
             x_new = jnp.clip(xb + xi * v, 0.0, 1.0)
-            # back to the boundary
-            x_new, off = C.run_if(moved, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], norm, theta, n_bisect, cls,
-                                                                targeted), (x_new, off))
-            xb_next = jnp.where(moved, x_new, xb)
-            db_next = C.distance(xb_next, x0, norm)
-            x, dist = C.keep_best(st.x, st.dist, xb_next, db_next, moved)
-            st = st._replace(xb=xb_next, dist_b=db_next, x=x, dist=dist, t=t + 1)
-            return st, off, n * cfg.chunk
+            return st._replace(t=t + 1), off, n * cfg.chunk, x_new, moved  # x_new: to bisect when moved
 
-        zero = jnp.zeros((), jnp.int32)
-        st, off, _ = C.run_if(~state.found, search, (state, zero, zero))
-        st, off, evals = C.run_if(state.found, iterate, (st, off, zero))
+        # one boundary search serves both phases (one copy of the model in the program): the start found
+        # by a search step, or the point an iteration moved to
+        zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+        carry = C.run_if(~state.found, search, (state, zero, zero, x0, no))
+        st, off, evals, x_q, bisect = C.run_if(state.found, iterate, carry)
+        x_b, off = C.run_if(bisect, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], norm, theta, n_bisect, cls,
+                                                          targeted), (x_q, off))
+        st = st._replace(**C.after_boundary(state.found, st, x_b, bisect, lambda x: C.distance(x, x0, norm)))
         st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
         return st, HSJAInfo(loss=st.dist, queries=off, evals=evals)
 

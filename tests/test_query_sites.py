@@ -1,4 +1,7 @@
-"""The OPT family's searches as single loops: the same points, answers and results as phase-by-phase loops.
+"""Where the decision attacks query the model: few places, each asking what the phase-by-phase loops asked.
+
+XLA compiles one copy of the model for every place a program queries it (about 1 s each for a
+ResNet-50 at 224x224), so the decision attacks ask from as few places as their algorithms allow.
 
 ``_common.ray_search`` (probe, then scaling, then bisection) and ``_common.opt_line_search`` (grow, then
 shrink) each run as one ``live_while`` that asks one point per iteration, so a program holds one copy of
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
+from rnd_jax.attacks import Context, make_attack
 from rnd_jax.attacks.decision import _common as C
 from rnd_jax.oracle import Oracle, live_while
 
@@ -190,3 +194,29 @@ def test_each_search_asks_the_model_from_one_place():
     jax.make_jaxpr(lambda *a: C.opt_line_search(o, 0, *a, jnp.float32(0.2), 1e-3, jnp.int32(0), False, 6, 4, 12,
                                                 200))(x0[0], theta[0], lam0[0], grad[0])
     assert len(traced) == 1
+
+
+# ---------------------------------------------------------------- places per step
+
+SITES = {"hsja": 4, "hsja_linf": 4, "geoda": 4, "signopt": 4, "opt": 4}  # see the test's docstring
+
+
+@pytest.mark.parametrize("name", sorted(SITES))
+def test_a_step_queries_the_model_from_four_places(name):
+    """Start candidates, the start's boundary or ray search (shared with the iterations' where the
+    algorithm has one), the estimate, and one search loop: HSJA's and GeoDA's step search and one
+    boundary search for both phases; OPT's and Sign-OPT's line search (one ray search). Before, a
+    second boundary search (HSJA, GeoDA) and a ray search split into its phases (OPT: 12, Sign-OPT: 9)
+    each held a copy of the model."""
+    traced = []
+
+    def counting(x, keys):
+        traced.append(x.shape)
+        return _linear_noisy(jnp.ones(D), 0.0, x, keys)
+
+    pool = jnp.asarray(np.random.default_rng(0).uniform(size=(30,) + SHAPE), jnp.float32)
+    attack = make_attack(name, Context(pool, jnp.arange(30, dtype=jnp.int32) % 2, 2))
+    x0 = jnp.full(SHAPE, 0.1)
+    state = attack.init(jax.random.key(0), x0, jnp.int32(0), jnp.int32(-1))
+    jax.make_jaxpr(lambda st: attack.step(st, Oracle(counting, "label").bind(jax.random.key(1), 0, 10_000)))(state)
+    assert len(traced) == SITES[name], traced
