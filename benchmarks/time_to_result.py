@@ -33,6 +33,7 @@ and runs made back to back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -110,7 +111,31 @@ def get_parser():
     p.add_argument("--no-compact", action="store_true",
                    help="evaluate the model on every image's points, finished or not (rnd_jax.compact off)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary folder)")
+    p.add_argument("--set", action="append", default=[], metavar="ATTACK.FIELD=VALUE",
+                   help="override a config field of one attack (a JSON value), e.g. --set opt.lockstep=true; "
+                        "repeatable")
     return p
+
+
+def overrides(items, names) -> dict:
+    """``--set`` items -> {attack: {field: value}}, checked against the attacks' config fields."""
+    out: dict = {}
+    for item in items:
+        target, sep, text = item.partition("=")
+        name, dot, field = target.partition(".")
+        if not sep or not dot or not name or not field:
+            raise ValueError(f"--set wants ATTACK.FIELD=VALUE, got {item!r}")
+        if name not in names:
+            raise ValueError(f"--set {item!r}: {name!r} is not among the attacks run ({', '.join(names)})")
+        fields = {f.name for f in dataclasses.fields(ATTACKS[name].config)}
+        if field not in fields:
+            raise ValueError(f"--set {item!r}: {name} has no config field {field!r}; it has {', '.join(sorted(fields))}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.setdefault(name, {})[field] = value
+    return out
 
 
 def configure(args) -> dict:
@@ -118,6 +143,11 @@ def configure(args) -> dict:
     c = common.configure(args)
     if args.budget is not None and not 1 <= args.budget < 2 ** 31:
         raise ValueError(f"--budget must be in 1..2^31-1, got {args.budget}")
+    c["set"] = overrides(args.set, c["names"])
+    for name, fields in c["set"].items():  # built once here, so a bad value fails before any training
+        spec = ATTACKS[name]
+        cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
+        spec.config(**{**cfg, "targeted": not spec.supports_untargeted, **fields})
     return c
 
 
@@ -143,6 +173,7 @@ def main(argv=None) -> dict:
         cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
         targeted = not spec.supports_untargeted
         cfg["targeted"] = targeted
+        cfg.update(c["set"].get(name, {}))
         attack = make_attack(name, ctx, **cfg)
         budget = args.budget or spec.battery.get("budget", 1_000)
         eps = cfg.get("eps") if spec.family == "decision" else None
@@ -152,7 +183,7 @@ def main(argv=None) -> dict:
         keys = image_keys(jax.random.key(1), jax.random.key(2), sel.index)
         inputs = cell_inputs(sel, keys)
         for sigma in sigmas:
-            row = {"attack": name, "sigma": sigma, "budget": budget, "cost": attack.cost}
+            row = {"attack": name, "sigma": sigma, "budget": budget, "cost": attack.cost, "set": c["set"].get(name, {})}
             oracle = Oracle(output_noise(clean, sigma), attack.output)
             runner = make_runner(attack, oracle, clean, protocol)
             jax.clear_caches()

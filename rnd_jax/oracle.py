@@ -140,7 +140,10 @@ class Oracle:
 
     def _ask(self, defense_key, first_query, x):
         """(answer, number of classes K) of :meth:`query`."""
-        keys = query_keys(defense_key, first_query, x.shape[0])
+        return self._ask_keys(query_keys(defense_key, first_query, x.shape[0]), x)
+
+    def _ask_keys(self, keys, x):
+        """(answer, K) for the points ``x`` with the query keys ``keys``."""
         if self.output == "gradient":
             return self._differentiate(x, keys)
         probs = self.scorer(x, keys)
@@ -250,6 +253,26 @@ class BoundOracle:
         if x.ndim != 4:
             raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
         out, self.classes = self._oracle._ask(self._key, self._first + offset, x)
+        return out
+
+    def numbered(self, numbers, x, live=None):
+        """Answer ``x`` with point ``i`` numbered ``numbers[i]`` of the step (``i32[B]``, may be traced).
+
+        For attacks that run several searches in lock-step: each iteration asks the next point of every
+        search still going, and numbers those points consecutively after the points asked before. The
+        same contract as :meth:`at`: points not added to ``used``, reported in ``Info.queries``, numbered
+        without gaps or repeats. ``live`` (``bool[B]``): the points really asked (:func:`live`; a
+        compacted or foreign scorer evaluates only those); the others' numbers and answers are ignored.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
+        numbers = jnp.asarray(numbers, jnp.int32)
+        if numbers.shape != x.shape[:1]:
+            raise ValueError(f"numbered(): one number per point, got {numbers.shape} for {x.shape[0]} points")
+        q = jnp.asarray(self._first, jnp.int32) + numbers
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(self._key, q)
+        with contextlib.nullcontext() if live is None else _living(live):
+            out, self.classes = self._oracle._ask_keys(keys, x)
         return out
 
 

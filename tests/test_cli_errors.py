@@ -224,3 +224,19 @@ def test_throughput_refuses_bad_options_before_running(argv, tmp_path, capsys, m
     monkeypatch.setenv("RND_JAX_CACHE", str(tmp_path / "c"))
     _exits_2(throughput.main, argv, capsys)
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attacks", "opt", "--set", "opt.lockstep"], "ATTACK.FIELD=VALUE"),
+    (["--attacks", "opt", "--set", "opt.nope=1"], "no config field 'nope'"),
+    (["--attacks", "opt", "--set", "rays.tol=1"], "not among the attacks run"),
+    (["--attacks", "opt", "--set", "opt.lockstep=1"], "lockstep must be a bool"),
+    (["--attacks", "opt", "--set", "opt.q=0"], "q must be an int >= 1"),
+])
+def test_time_to_result_refuses_bad_config_overrides_before_running(argv, message, tmp_path, capsys, monkeypatch):
+    from benchmarks import time_to_result
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RND_JAX_CACHE", str(tmp_path / "c"))
+    assert message in _exits_2(time_to_result.main, argv, capsys)
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written

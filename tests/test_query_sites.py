@@ -19,7 +19,7 @@ from jax.tree_util import Partial
 
 from rnd_jax.attacks import Context, make_attack
 from rnd_jax.attacks.decision import _common as C
-from rnd_jax.oracle import Oracle, live_while
+from rnd_jax.oracle import Oracle, live, live_while
 
 SHAPE = (4, 4, 1)
 D = 16
@@ -220,3 +220,77 @@ def test_a_step_queries_the_model_from_four_places(name):
     state = attack.init(jax.random.key(0), x0, jnp.int32(0), jnp.int32(-1))
     jax.make_jaxpr(lambda st: attack.step(st, Oracle(counting, "label").bind(jax.random.key(1), 0, 10_000)))(state)
     assert len(traced) == SITES[name], traced
+
+
+# ---------------------------------------------------------------- searches in lock-step
+
+def _numbering_scorer(seen):
+    """The noise-free linear model, recording the key data of every live point it is asked (in order)."""
+    w = jnp.linspace(0.5, 1.5, D)
+
+    def record(kd, live):
+        seen.extend(map(tuple, np.asarray(kd)[np.asarray(live, bool)].tolist()))
+        return np.zeros((), np.int32)
+
+    def scorer(x, keys):
+        pred = live()
+        live_mask = jnp.ones(x.shape[:1], bool) if pred is None else jnp.broadcast_to(pred, x.shape[:1])
+        token = jax.pure_callback(record, jax.ShapeDtypeStruct((), jnp.int32), jax.random.key_data(keys), live_mask)
+        return _linear_noisy(w, 0.0, x, keys) + 0.0 * token
+
+    return scorer
+
+
+def test_searches_in_lock_step_ask_each_search_s_points_numbered_in_the_order_asked():
+    x0, theta, lam0, _, keys = cases(4)
+    n = 12
+    thetas, x, g0 = theta[:n], x0[0], lam0[0]
+    # the same searches one by one (without noise the answers do not depend on the query numbers)
+    one = jax.jit(jax.vmap(lambda th: C.ray_search(oracle(0.0).bind(keys[0], 0), 0, x, th, g0, 1e-3, 10, 12,
+                                                   jnp.int32(0), False, True)))(thetas)
+    seen = []
+    dk = keys[1]
+    orc = Oracle(_numbering_scorer(seen), "label")
+    g, ok, off = jax.jit(lambda t: C.ray_searches(orc.bind(dk, 5), 3, x, t, g0, 1e-3, 10, 12, jnp.int32(0), False,
+                                                  True))(thetas)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(one[0]))
+    np.testing.assert_array_equal(np.asarray(ok), np.asarray(one[1]))
+    total = int(np.sum(one[2]))
+    assert int(off) == 3 + total  # every point counted once
+    # numbered 3, 4, ... after the step's first 3 points (the oracle bound at query 5): no gap, no repeat
+    want = [tuple(np.asarray(jax.random.key_data(jax.random.fold_in(dk, 5 + 3 + i))).tolist()) for i in range(total)]
+    assert seen == want
+    assert max(np.asarray(one[2])) < total / 3  # the loop ran as long as the longest search, not the sum
+
+
+def test_opt_in_lock_step_is_opt_without_noise_in_fewer_host_calls():
+    from rnd_jax.attacks import driver
+    from rnd_jax.foreign import HostModel, host_scorer
+
+    w = np.linspace(0.5, 1.5, D).astype(np.float32)
+
+    def predict(xs):
+        top = (xs.reshape(len(xs), -1) @ w > 1.0).astype(int)
+        return np.eye(2, dtype=np.float32)[top]
+
+    pool = jnp.asarray(np.random.default_rng(0).uniform(size=(30,) + SHAPE), jnp.float32)
+    ctx = Context(pool, jnp.asarray((pool.reshape(30, -1) @ w > 1.0).astype(np.int32)), 2)
+    x0 = jnp.asarray(np.random.default_rng(1).uniform(0, 0.08, (3,) + SHAPE), jnp.float32)
+    y = jnp.zeros(3, jnp.int32)
+    ka, kd = jax.random.split(jax.random.key(0), 3), jax.random.split(jax.random.key(1), 3)
+    out = {}
+    for lockstep in (False, True):
+        model = HostModel(predict, 2)
+        attack = make_attack("opt", ctx, lockstep=lockstep)
+        res = jax.jit(lambda *a: driver.run(attack, Oracle(host_scorer(model), "label"), *a, budget=1500))(
+            x0, y, None, ka, kd)
+        out[lockstep] = (jax.tree.map(np.asarray, res), model.points, model.calls)
+    (r0, p0, c0), (r1, p1, c1) = out[False], out[True]
+    for a, b in zip(jax.tree.leaves(r0), jax.tree.leaves(r1)):
+        np.testing.assert_array_equal(a, b)
+    assert p1 == p0 == int(r1.queries.sum())  # the host was asked exactly the counted points
+    start = np.asarray(ctx.train_images)[np.asarray(ctx.train_labels) == 1]  # the closest start it could draw
+    d_start = np.linalg.norm((start[None] - np.asarray(x0)[:, None]).reshape(3, len(start), -1), axis=2).min(1)
+    d_end = np.linalg.norm((r1.x_adv - np.asarray(x0)).reshape(3, -1), axis=1)
+    assert np.all(predict(r1.x_adv)[:, 1] == 1) and np.all(d_end < 0.5 * d_start)  # it did attack
+    assert c1 < 0.5 * c0, (c0, c1)

@@ -324,6 +324,41 @@ class _Ray(NamedTuple):
     offset: jax.Array
 
 
+def _ray_init(lam0, offset) -> _Ray:
+    i32, b, z = jnp.int32, jnp.zeros((), bool), jnp.zeros((), jnp.float32)
+    return _Ray(jnp.asarray(_PROBE, i32), jnp.zeros((), i32), lam0, lam0, b, b, z, z, b, jnp.zeros((), i32),
+                jnp.asarray(offset, i32))
+
+
+def _ray_lam(c: _Ray, lam0):
+    """The distance parameter the search asks next: ``lam0`` (probe), the scaled end, or the midpoint."""
+    factor = jnp.where(c.grow, jnp.asarray(1.01, jnp.float32), jnp.asarray(0.99, jnp.float32))
+    return jnp.where(c.phase == _PROBE, lam0, jnp.where(c.phase == _SCALE, c.lam * factor, 0.5 * (c.lo + c.hi)))
+
+
+def _ray_update(c: _Ray, lam, adv, lam0, tol, max_scale: int, max_bisect: int, expand: bool) -> _Ray:
+    """The search after the answer ``adv`` at ``lam`` (:func:`_ray_lam`), moved on to the phase it asks next."""
+    probing, scaling = c.phase == _PROBE, c.phase == _SCALE
+    b = jnp.zeros((), bool)
+    # probe: adversarial -> shrink; else grow (expand) or stop with lo = hi = lam0
+    after_probe = c._replace(phase=jnp.where(adv | expand, _SCALE, _DONE), grow=~adv, k=jnp.zeros((), jnp.int32),
+                             lam=lam0, prev=lam0, reached=b, lo=lam0, hi=lam0, ok=b)
+    after_scale = c._replace(k=c.k + 1, lam=lam, prev=c.lam, reached=adv == c.grow)
+    after_bisect = c._replace(i=c.i + 1, lo=jnp.where(adv, c.lo, lam), hi=jnp.where(adv, lam, c.hi))
+    c = jax.tree.map(lambda p, s, q: jnp.where(probing, p, jnp.where(scaling, s, q)),
+                     after_probe, after_scale, after_bisect)
+    # a phase whose loop condition fails moves on (before asking anything): scaling -> bisection -> done
+    scale_over = (c.phase == _SCALE) & ~((c.k < max_scale) & ~c.reached)
+    lo = jnp.where(c.grow, c.prev, jnp.where(c.reached, c.lam, 0.0))
+    hi = jnp.where(c.grow, c.lam, jnp.where(c.reached, c.prev, c.lam))
+    ok = jnp.where(c.grow, c.reached, True)
+    c = c._replace(lo=jnp.where(scale_over, lo, c.lo), hi=jnp.where(scale_over, hi, c.hi),
+                   ok=jnp.where(scale_over, ok, c.ok),
+                   phase=jnp.where(scale_over, jnp.where(ok, _BISECT, _DONE), c.phase))
+    bisect_over = (c.phase == _BISECT) & ~((c.i < max_bisect) & (c.hi - c.lo > tol))
+    return c._replace(phase=jnp.where(bisect_over, _DONE, c.phase))
+
+
 def ray_search(oracle, offset, x0, theta, lam0, tol, max_scale: int, max_bisect: int, cls, targeted: bool,
                expand: bool):
     """``g(theta)``: the smallest ``lam`` whose ray point is adversarial, searched locally around ``lam0``.
@@ -343,44 +378,45 @@ def ray_search(oracle, offset, x0, theta, lam0, tol, max_scale: int, max_bisect:
     as three loops one after the other would.
     """
     lam0 = jnp.asarray(lam0, jnp.float32)
-    f32, i32, b = jnp.float32, jnp.int32, jnp.zeros((), bool)
-
-    def settle(c: _Ray) -> _Ray:
-        # a phase whose loop condition fails moves on (before asking anything): scaling -> bisection -> done
-        scale_over = (c.phase == _SCALE) & ~((c.k < max_scale) & ~c.reached)
-        shrink_lo = jnp.where(c.reached, c.lam, 0.0)
-        shrink_hi = jnp.where(c.reached, c.prev, c.lam)
-        lo = jnp.where(c.grow, c.prev, shrink_lo)
-        hi = jnp.where(c.grow, c.lam, shrink_hi)
-        ok = jnp.where(c.grow, c.reached, True)
-        c = c._replace(lo=jnp.where(scale_over, lo, c.lo), hi=jnp.where(scale_over, hi, c.hi),
-                       ok=jnp.where(scale_over, ok, c.ok),
-                       phase=jnp.where(scale_over, jnp.where(ok, _BISECT, _DONE), c.phase))
-        bisect_over = (c.phase == _BISECT) & ~((c.i < max_bisect) & (c.hi - c.lo > tol))
-        return c._replace(phase=jnp.where(bisect_over, _DONE, c.phase))
 
     def body(c: _Ray) -> _Ray:
-        probing, scaling = c.phase == _PROBE, c.phase == _SCALE
-        factor = jnp.where(c.grow, jnp.asarray(1.01, f32), jnp.asarray(0.99, f32))
-        scaled = c.lam * factor
-        mid = 0.5 * (c.lo + c.hi)
-        lam = jnp.where(probing, lam0, jnp.where(scaling, scaled, mid))
+        lam = _ray_lam(c, lam0)
         adv, off = ask(oracle, c.offset, ray_point(x0, theta, lam)[None], cls, targeted)
-        adv = adv[0]
-        # probe: adversarial -> shrink; else grow (expand) or stop with lo = hi = lam0
-        after_probe = c._replace(phase=jnp.where(adv | expand, _SCALE, _DONE), grow=~adv, k=jnp.zeros((), i32),
-                                 lam=lam0, prev=lam0, reached=b, lo=lam0, hi=lam0, ok=b)
-        after_scale = c._replace(k=c.k + 1, lam=scaled, prev=c.lam, reached=adv == c.grow)
-        after_bisect = c._replace(i=c.i + 1, lo=jnp.where(adv, c.lo, mid), hi=jnp.where(adv, mid, c.hi))
-        nxt = jax.tree.map(lambda p, s, q: jnp.where(probing, p, jnp.where(scaling, s, q)),
-                           after_probe, after_scale, after_bisect)
-        return settle(nxt._replace(offset=off))
+        return _ray_update(c, lam, adv[0], lam0, tol, max_scale, max_bisect, expand)._replace(offset=off)
 
-    z = jnp.zeros((), f32)
-    init = _Ray(jnp.asarray(_PROBE, i32), jnp.zeros((), i32), lam0, lam0, b, b, z, z, b, jnp.zeros((), i32),
-                jnp.asarray(offset, i32))
-    c = live_while(lambda c: c.phase != _DONE, body, init)
+    c = live_while(lambda c: c.phase != _DONE, body, _ray_init(lam0, offset))
     return c.hi, c.ok, c.offset
+
+
+def ray_searches(oracle, offset, x0, thetas, lam0, tol, max_scale: int, max_bisect: int, cls, targeted: bool,
+                 expand: bool):
+    """:func:`ray_search` along each direction of ``thetas: [n, H, W, C]`` at once, in lock-step.
+
+    One loop asks, per iteration, the next point of every search still going, in one oracle call;
+    the loop runs as long as the longest search instead of the sum of all. Each search asks the
+    points it would ask alone. The points are numbered in the order they are asked: iteration by
+    iteration, and within an iteration in direction order (so under a noisy defense the answers are
+    drawn otherwise than by searches one after the other; without noise the results are the same).
+    Returns ``(g[n], ok[n], offset)``.
+    """
+    n = thetas.shape[0]
+    lam0 = jnp.asarray(lam0, jnp.float32)
+    init = jax.vmap(lambda _: _ray_init(lam0, 0))(jnp.arange(n))
+
+    def body(c):
+        rays, off = c
+        going = rays.phase != _DONE
+        lam = jax.vmap(_ray_lam, in_axes=(0, None))(rays, lam0)
+        points = jax.vmap(lambda th, lm: ray_point(x0, th, lm))(thetas, lam)
+        number = off + jnp.cumsum(going.astype(jnp.int32)) - 1  # the going searches' points, in order
+        adv = adversarial(oracle.numbered(number, points, going), cls, targeted)
+        new = jax.vmap(_ray_update, in_axes=(0, 0, 0, None, None, None, None, None))(
+            rays, lam, adv, lam0, tol, max_scale, max_bisect, expand)
+        rays = jax.tree.map(lambda a, b: jnp.where(going.reshape((n,) + (1,) * (a.ndim - 1)), a, b), new, rays)
+        return rays, off + jnp.sum(going.astype(jnp.int32))
+
+    rays, offset = live_while(lambda c: jnp.any(c[0].phase != _DONE), body, (init, jnp.asarray(offset, jnp.int32)))
+    return rays.hi, rays.ok, offset
 
 
 class LineSearch(NamedTuple):

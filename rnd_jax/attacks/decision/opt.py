@@ -75,9 +75,12 @@ class OPTConfig:
     start_tol: float = 1e-3
     start_candidates: int = 10
     start_steps: int = 5
+    lockstep: bool = False  # run the q probe searches side by side (see the module docstring)
 
     def __post_init__(self):
         C.check_common(self, norms=("l2",))
+        if not isinstance(self.lockstep, bool):
+            raise ValueError(f"lockstep must be a bool, got {self.lockstep!r}")
         for name in ("q", "max_trials", "max_scale", "max_bisect"):
             C.check_int(name, getattr(self, name))
         for name in ("alpha", "beta", "start_tol", "min_tol", "min_beta", "tol_ratio"):
@@ -114,7 +117,23 @@ def opt(cfg: OPTConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         _, (off, grad, g_min, th_min) = live_while(lambda c: c[0] < q, lambda c: (c[0] + 1, probe(c[0], c[1])), init)
         return grad / q, off, g_min, th_min
 
-    return C.ray_attack(cfg, pool, estimate, q * (1 + cfg.max_scale + cfg.max_bisect), cfg.tolerance)
+    def estimate_lockstep(oracle, off, key, x0, theta, g, beta, tol, cls):
+        u = C.unit_rows(jax.random.normal(key, (q,) + theta.shape))
+        ths = jax.vmap(lambda ui: C.unit(theta + beta * ui))(u)
+        g_all, _, off = C.ray_searches(oracle, off, x0, ths, g, tol, cfg.max_scale, cfg.max_bisect, cls,
+                                       cfg.targeted, True)
+
+        def add(i, cc):  # in probe order, as the probe-by-probe loop adds them
+            grad, g_min, th_min = cc
+            better = g_all[i] < g_min
+            return grad + (g_all[i] - g) / beta * u[i], jnp.where(better, g_all[i], g_min), jnp.where(better, ths[i],
+                                                                                                      th_min)
+
+        grad, g_min, th_min = jax.lax.fori_loop(0, q, add, (jnp.zeros_like(theta), jnp.asarray(jnp.inf), theta))
+        return grad / q, off, g_min, th_min
+
+    return C.ray_attack(cfg, pool, estimate_lockstep if cfg.lockstep else estimate,
+                        q * (1 + cfg.max_scale + cfg.max_bisect), cfg.tolerance)
 
 
 register(AttackSpec(
@@ -122,5 +141,5 @@ register(AttackSpec(
     needs=("train_images", "train_labels"),
     battery=dict(norm="l2", eps=BATTERY_EPS["l2"], budget=2_000),
     bad_configs=(dict(norm="linf"), dict(eps=0.0), dict(q=0), dict(alpha=-0.2), dict(beta=0.0),
-                 dict(ls_queries=3), dict(max_scale=0), dict(start_steps=0), dict(tol_ratio=5.0),
+                 dict(ls_queries=3), dict(max_scale=0), dict(start_steps=0), dict(tol_ratio=5.0), dict(lockstep=1),
                  dict(min_beta=0.1))))
