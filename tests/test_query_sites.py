@@ -196,18 +196,71 @@ def test_each_search_asks_the_model_from_one_place():
     assert len(traced) == 1
 
 
+# ---------------------------------------------------------------- a one-point search, then the boundary search
+
+HALVING = C.OnePoint(  # HSJA's geometric step-size search (carry: j, xi, ok, xb, v)
+    going=lambda c: (c[0] <= 6) & ~c[2],
+    point=lambda c: jnp.clip(c[3] + c[1] * c[4], 0.0, 1.0),
+    update=lambda c, adv: (c[0] + 1, jnp.where(adv, c[1], 0.5 * c[1]), adv, c[3], c[4]),
+    result=lambda c: (jnp.clip(c[3] + c[1] * c[4], 0.0, 1.0), c[2]))
+
+
+def witness_then_boundary(orc, offset, x0, norm, rel_tol, max_iter, pre, pc, run_pre, x_adv, bisect):
+    def run(c):
+        pc, off = c
+
+        def body(cc):
+            pc, off = cc
+            adv, off = C.ask(orc, off, pre.point(pc)[None], jnp.int32(0), False)
+            return pre.update(pc, adv[0]), off
+
+        return live_while(lambda cc: pre.going(cc[0]), body, (pc, off))
+
+    pc, offset = C.run_if(run_pre, run, (pc, offset))
+    x_found, found = pre.result(pc)
+    x_q, bis = jnp.where(run_pre, x_found, x_adv), jnp.where(run_pre, found, bisect)
+    x_b, offset = C.run_if(bis, lambda c: C.boundary(orc, c[1], x0, c[0], norm, rel_tol, max_iter, jnp.int32(0), False),
+                           (x_q, offset))
+    return x_b, bis, pc, offset
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_a_search_then_the_boundary_search_in_one_loop_asks_what_two_loops_ask(norm):
+    x0, theta, lam0, _, keys = cases(5)
+    r = np.random.default_rng(5)
+    run_pre = jnp.asarray(r.uniform(size=N) < 0.7)  # iterating images; the others bisect a start (if found)
+    bisect = jnp.asarray(r.uniform(size=N) < 0.8)
+    x_start = jnp.clip(x0 + 2.0 * theta, 0.0, 1.0)  # mostly adversarial
+    xb = jnp.clip(x0 + lam0[:, None, None, None] * theta, 0.0, 1.0)
+    v = C.unit_rows(jnp.asarray(r.normal(size=(N,) + SHAPE), jnp.float32))
+    xi = jnp.asarray(r.uniform(0.1, 2.0, N), jnp.float32)
+    orc = oracle()
+
+    def go(fn):
+        def one(x0, key, rp, bi, xs, xb, v, xi):
+            pc = (jnp.zeros((), jnp.int32), xi, jnp.zeros((), bool), xb, v)
+            return fn(orc.bind(key, 0), jnp.zeros((), jnp.int32), x0, norm, 1e-3, 14, HALVING, pc, rp, xs, bi)
+        return jax.jit(jax.vmap(one))(x0, keys, run_pre, bisect, x_start, xb, v, xi)
+
+    got = go(lambda o, off, x0, norm, tol, n, pre, pc, rp, xs, bi: C.then_boundary(
+        o, off, x0, norm, tol, n, jnp.int32(0), False, pre, pc, rp, xs, bi))
+    want = go(witness_then_boundary)
+    _same(got, want)
+    bis, off = np.asarray(got[1]), np.asarray(got[3])
+    assert 0 < bis.sum() < N and len(np.unique(off)) > 4  # bisected or not; paths of many lengths
+
+
 # ---------------------------------------------------------------- places per step
 
-SITES = {"hsja": 4, "hsja_linf": 4, "geoda": 4, "signopt": 4, "opt": 4}  # see the test's docstring
+SITES = {"hsja": 3, "hsja_linf": 3, "geoda": 3, "signopt": 4, "opt": 4}  # see the test's docstring
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
-def test_a_step_queries_the_model_from_four_places(name):
-    """Start candidates, the start's boundary or ray search (shared with the iterations' where the
-    algorithm has one), the estimate, and one search loop: HSJA's and GeoDA's step search and one
-    boundary search for both phases; OPT's and Sign-OPT's line search (one ray search). Before, a
-    second boundary search (HSJA, GeoDA) and a ray search split into its phases (OPT: 12, Sign-OPT: 9)
-    each held a copy of the model."""
+def test_a_step_queries_the_model_from_few_places(name):
+    """HSJA, GeoDA: start candidates, the estimate, and one loop for the step search (the geometric step-size
+    search; GeoDA's search along the normal) and one boundary search, which serves both phases. OPT, Sign-OPT:
+    start candidates, the start's ray bisection, the estimate, and the line search (one ray search). Before,
+    HSJA and GeoDA held 5 copies of the model, OPT 12 and Sign-OPT 9 (a ray search split into its phases)."""
     traced = []
 
     def counting(x, keys):

@@ -183,6 +183,74 @@ def boundary(oracle, offset, x0, x_adv, norm: str, rel_tol: float, max_iter: int
     return jnp.clip(point(hi), 0.0, 1.0), offset
 
 
+class OnePoint(NamedTuple):
+    """A search that asks one point per iteration, as pure functions of its carry (see :func:`then_boundary`).
+
+    ``going(c)``: it asks another point; ``point(c)``: that point ``[H, W, C]``; ``update(c, adv)``: the
+    carry after the answer; ``result(c) -> (x_adv, found)``: the point to bisect, and whether it was found.
+    """
+
+    going: Any
+    point: Any
+    update: Any
+    result: Any
+
+
+_PRE, _BIS, _END = 0, 1, 2  # phases of then_boundary
+
+
+def then_boundary(oracle, offset, x0, norm: str, rel_tol: float, max_iter: int, cls, targeted: bool,
+                  pre: OnePoint, pre_carry, run_pre, x_adv, bisect):
+    """``pre`` (when ``run_pre``), then :func:`boundary` from its result (when found), as one loop.
+
+    When ``run_pre`` is false, ``x_adv`` is bisected to the boundary if ``bisect`` holds (a start
+    found by a search step). One point per iteration and one oracle call in the program: each image
+    asks the points it would ask in ``pre``'s loop followed by :func:`boundary`'s, in that order, and
+    under ``vmap`` images in different phases share an iteration. Returns ``(x_boundary, bisected,
+    pre's final carry, offset)``; ``x_boundary`` is the point to bisect itself when it was not bisected.
+    """
+    f32 = jnp.float32
+
+    def setup(x_adv):  # the bisection of boundary(): path parameter interval and width
+        if norm == "l2":
+            return jnp.zeros((), f32), jnp.ones((), f32), jnp.asarray(rel_tol, f32)
+        d = distance(x_adv, x0, "linf")
+        return jnp.zeros((), f32), jnp.asarray(d, f32), rel_tol * jnp.minimum(d, 1.0)
+
+    def path(x_adv, a):
+        return blend(x0, x_adv, a) if norm == "l2" else linf_clip(x0, x_adv, a)
+
+    def settle(c):
+        phase, pc, xa, lo, hi, tol, i, bis, off = c
+        pre_over = (phase == _PRE) & ~pre.going(pc)
+        x_found, found = pre.result(pc)
+        lo_f, hi_f, tol_f = setup(x_found)
+        xa, lo, hi, tol = (jnp.where(pre_over, a, b) for a, b in ((x_found, xa), (lo_f, lo), (hi_f, hi), (tol_f, tol)))
+        bis = jnp.where(pre_over, found, bis)
+        phase = jnp.where(pre_over, jnp.where(found, _BIS, _END), phase)
+        bis_over = (phase == _BIS) & ~((i < max_iter) & (hi - lo > tol))
+        return jnp.where(bis_over, _END, phase), pc, xa, lo, hi, tol, i, bis, off
+
+    def body(c):
+        phase, pc, xa, lo, hi, tol, i, bis, off = c
+        in_pre = phase == _PRE
+        mid = 0.5 * (lo + hi)
+        adv, off = ask(oracle, off, jnp.where(in_pre, pre.point(pc), path(xa, mid))[None], cls, targeted)
+        adv = adv[0]
+        pc = jax.tree.map(lambda a, b: jnp.where(in_pre, a, b), pre.update(pc, adv), pc)
+        lo, hi, i = (jnp.where(in_pre, old, new) for old, new in
+                     ((lo, jnp.where(adv, lo, mid)), (hi, jnp.where(adv, mid, hi)), (i, i + 1)))
+        return settle((phase, pc, xa, lo, hi, tol, i, bis, off))
+
+    run_pre, bisect = jnp.asarray(run_pre, bool), jnp.asarray(bisect, bool)
+    x_adv = jnp.asarray(x_adv, f32)
+    lo, hi, tol = setup(x_adv)
+    init = (jnp.where(run_pre, _PRE, jnp.where(bisect, _BIS, _END)).astype(jnp.int32), pre_carry, x_adv, lo, hi,
+            tol, jnp.zeros((), jnp.int32), bisect & ~run_pre, jnp.asarray(offset, jnp.int32))
+    phase, pc, xa, lo, hi, tol, i, bis, off = live_while(lambda c: c[0] != _END, body, settle(init))
+    return jnp.where(bis, jnp.clip(path(xa, hi), 0.0, 1.0), xa), bis, pc, off
+
+
 def halvings(rel_tol: float) -> int:
     """Bisection iterations that shrink a unit interval below ``rel_tol``."""
     return max(1, math.ceil(math.log2(1.0 / rel_tol)))

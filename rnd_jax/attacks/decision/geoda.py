@@ -130,13 +130,13 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         x0, cls = state.x0, state.cls
 
         def search(c):
-            st, off, probes, _, _ = c
+            st, off, probes, _, _, pc = c
             s, off = C.start_step(oracle, off, k_start, x0, cls, st.tries, cfg, pool)
             st = st._replace(found=s.found, failed=s.failed, tries=s.tries)
-            return st, off, probes, s.x, s.found  # the start, to bisect to the boundary when found
+            return st, off, probes, s.x, s.found, pc  # the start, to bisect to the boundary when found
 
         def iterate(c):
-            st, off, _, _, _ = c
+            st, off, _, x_q, bisect, _ = c
             xb, db = st.xb, st.dist_b
             n_i = jnp.ceil(cfg.init_probes * growth ** st.it.astype(jnp.float32) / cfg.chunk)
             n_chunks = jnp.minimum(n_i, max_chunks).astype(jnp.int32)
@@ -153,27 +153,24 @@ def geoda(cfg: GeoDAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
             direction = C.unit(w)
             step_len = cfg.go_step * db
 
-            def go_cond(cc):
-                j, ok, _ = cc
-                return (j < cfg.max_go) & ~ok
+            # the search along the direction runs in the boundary search's loop (below)
+            return (st._replace(w=w, it=st.it + 1), off, n * cfg.chunk, x_q, bisect,
+                    (jnp.zeros((), jnp.int32), jnp.zeros((), bool), step_len, direction))
 
-            def go_body(cc):
-                j, _, off = cc
-                adv, off = C.ask(oracle, off, jnp.clip(x0 + (j + 1) * step_len * direction, 0.0, 1.0)[None], cls,
-                                 targeted)
-                return j + 1, adv[0], off
-
-            j, ok, off = live_while(go_cond, go_body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), off))
-            x_go = jnp.clip(x0 + j * step_len * direction, 0.0, 1.0)
-            return st._replace(w=w, it=st.it + 1), off, n * cfg.chunk, x_go, ok  # x_go: to bisect when ok
-
-        # one boundary search serves both phases (one copy of the model in the program)
+        # out from x0 along the direction in steps of go_step * d until adversarial (carry: j, ok, step, direction)
+        go_search = C.OnePoint(
+            going=lambda c: (c[0] < cfg.max_go) & ~c[1],
+            point=lambda c: jnp.clip(x0 + (c[0] + 1) * c[2] * c[3], 0.0, 1.0),
+            update=lambda c, adv: (c[0] + 1, adv, c[2], c[3]),
+            result=lambda c: (jnp.clip(x0 + c[0] * c[2] * c[3], 0.0, 1.0), c[1]))
+        # one loop asks the go search's points and one boundary search's, for both phases (one copy of the model)
         zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
-        carry = C.run_if(~state.found, search, (state, zero, zero, x0, no))
-        st, off, probes, x_q, bisect = C.run_if(state.found, iterate, carry)
-        x_b, off = C.run_if(bisect, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], "l2", cfg.tol, n_bisect, cls,
-                                                          targeted), (x_q, off))
-        st = st._replace(**C.after_boundary(state.found, st, x_b, bisect, lambda x: C.distance(x, x0, "l2")))
+        idle = (zero, no, jnp.zeros((), jnp.float32), jnp.zeros_like(x0))
+        carry = C.run_if(~state.found, search, (state, zero, zero, x0, no, idle))
+        st, off, probes, x_q, bisect, pc = C.run_if(state.found, iterate, carry)
+        x_b, bisected, _, off = C.then_boundary(oracle, off, x0, "l2", cfg.tol, n_bisect, cls, targeted, go_search, pc,
+                                                state.found, x_q, bisect)
+        st = st._replace(**C.after_boundary(state.found, st, x_b, bisected, lambda x: C.distance(x, x0, "l2")))
         st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
         return st, GeoDAInfo(loss=st.dist, queries=off, probes=probes)
 

@@ -123,13 +123,13 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
         x0, cls = state.x0, state.cls
 
         def search(c):
-            st, off, evals, _, _ = c
+            st, off, evals, _, _, pc = c
             s, off = C.start_step(oracle, off, k_start, x0, cls, st.tries, cfg, pool)
             st = st._replace(found=s.found, failed=s.failed, tries=s.tries)
-            return st, off, evals, s.x, s.found  # the start, to bisect to the boundary when found
+            return st, off, evals, s.x, s.found, pc  # the start, to bisect to the boundary when found
 
         def iterate(c):
-            st, off, _, _, _ = c
+            st, off, _, x_q, bisect, _ = c
             t = st.t
             tf = t.astype(jnp.float32)
             xb, db = st.xb, st.dist_b
@@ -162,32 +162,26 @@ def hsja(cfg: HSJAConfig, pool: C.Pool = C.Pool(None, None)) -> Attack:
             unanimous = jnp.abs(mean_f) >= 1.0
             g = jnp.where(unanimous, mean_f * C.safe_div(s_u, evals), C.safe_div(s_fu - mean_f * s_u, evals))
             v = C.unit(g) if norm == "l2" else jnp.sign(g)
-            # geometric step-size search
-            xi0 = db / jnp.sqrt(tf)
+            # the geometric step-size search runs in the boundary search's loop (below)
+            return st._replace(t=t + 1), off, n * cfg.chunk, x_q, bisect, (jnp.zeros((), jnp.int32), db / jnp.sqrt(tf),
+                                                                          jnp.zeros((), bool), xb, v)
 
-            def gs_cond(cc):
-                j, _, ok, _ = cc
-                return (j <= cfg.max_halvings) & ~ok
-
-            def gs_body(cc):
-                j, xi, _, off = cc
-                p = jnp.clip(xb + xi * v, 0.0, 1.0)
-                adv, off = C.ask(oracle, off, p[None], cls, targeted)
-                return j + 1, jnp.where(adv[0], xi, 0.5 * xi), adv[0], off
-
-            _, xi, moved, off = live_while(gs_cond, gs_body,
-                                                   (jnp.zeros((), jnp.int32), xi0, jnp.zeros((), bool), off))
-            x_new = jnp.clip(xb + xi * v, 0.0, 1.0)
-            return st._replace(t=t + 1), off, n * cfg.chunk, x_new, moved  # x_new: to bisect when moved
-
-        # one boundary search serves both phases (one copy of the model in the program): the start found
-        # by a search step, or the point an iteration moved to
+        # geometric step-size search: xi halved until xb + xi v is adversarial (carry: j, xi, ok, xb, v)
+        step_search = C.OnePoint(
+            going=lambda c: (c[0] <= cfg.max_halvings) & ~c[2],
+            point=lambda c: jnp.clip(c[3] + c[1] * c[4], 0.0, 1.0),
+            update=lambda c, adv: (c[0] + 1, jnp.where(adv, c[1], 0.5 * c[1]), adv, c[3], c[4]),
+            result=lambda c: (jnp.clip(c[3] + c[1] * c[4], 0.0, 1.0), c[2]))
+        # one loop asks the step search's points and one boundary search's, for both phases (one copy of the
+        # model in the program): the boundary search bisects the start found by a search step, or the point
+        # an iteration's step search moved to
         zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
-        carry = C.run_if(~state.found, search, (state, zero, zero, x0, no))
-        st, off, evals, x_q, bisect = C.run_if(state.found, iterate, carry)
-        x_b, off = C.run_if(bisect, lambda cc: C.boundary(oracle, cc[1], x0, cc[0], norm, theta, n_bisect, cls,
-                                                          targeted), (x_q, off))
-        st = st._replace(**C.after_boundary(state.found, st, x_b, bisect, lambda x: C.distance(x, x0, norm)))
+        idle = (zero, jnp.zeros((), jnp.float32), no, x0, jnp.zeros_like(x0))
+        carry = C.run_if(~state.found, search, (state, zero, zero, x0, no, idle))
+        st, off, evals, x_q, bisect, pc = C.run_if(state.found, iterate, carry)
+        x_b, bisected, _, off = C.then_boundary(oracle, off, x0, norm, theta, n_bisect, cls, targeted, step_search, pc,
+                                                state.found, x_q, bisect)
+        st = st._replace(**C.after_boundary(state.found, st, x_b, bisected, lambda x: C.distance(x, x0, norm)))
         st = st._replace(step=state.step + 1, done=C.is_done(st.found, st.dist, cfg.eps))
         return st, HSJAInfo(loss=st.dist, queries=off, evals=evals)
 
