@@ -144,11 +144,17 @@ def configure(args) -> dict:
     if args.budget is not None and not 1 <= args.budget < 2 ** 31:
         raise ValueError(f"--budget must be in 1..2^31-1, got {args.budget}")
     c["set"] = overrides(args.set, c["names"])
-    for name, fields in c["set"].items():  # built once here, so a bad value fails before any training
-        spec = ATTACKS[name]
-        cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
-        spec.config(**{**cfg, "targeted": not spec.supports_untargeted, **fields})
+    for name in c["set"]:  # built once here, so a bad value fails before any training
+        ATTACKS[name].config(**attack_config(name, c["set"]))
     return c
+
+
+def attack_config(name: str, overrides: dict) -> dict:
+    """The config an attack runs with: its battery settings (targeted if it must be), then ``--set``'s."""
+    spec = ATTACKS[name]
+    cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
+    cfg["targeted"] = not spec.supports_untargeted
+    return {**cfg, **overrides.get(name, {})}
 
 
 def main(argv=None) -> dict:
@@ -170,10 +176,8 @@ def main(argv=None) -> dict:
     print(f"device {out['device']}; {model_name} on {args.dataset}; {args.n_images} images", file=sys.stderr)
     for name in names:
         spec = ATTACKS[name]
-        cfg = {k: v for k, v in spec.battery.items() if k != "budget"}
-        targeted = not spec.supports_untargeted
-        cfg["targeted"] = targeted
-        cfg.update(c["set"].get(name, {}))
+        cfg = attack_config(name, c["set"])
+        targeted = cfg["targeted"]
         attack = make_attack(name, ctx, **cfg)
         budget = args.budget or spec.battery.get("budget", 1_000)
         eps = cfg.get("eps") if spec.family == "decision" else None

@@ -203,6 +203,11 @@ def class_count(oracle: Oracle, point_shape) -> int:
 _PROBE = threading.local()  # depth > 0 while class_count traces a scorer abstractly
 
 
+def _check_batch(x):
+    if x.ndim != 4:
+        raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
+
+
 class BoundOracle:
     """An oracle with the defense key and the next query number bound in; counts what it answers.
 
@@ -235,8 +240,7 @@ class BoundOracle:
 
     def __call__(self, x):
         """Answer ``x``; its points are numbered after every point this step has asked so far."""
-        if x.ndim != 4:
-            raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
+        _check_batch(x)
         out, self.classes = self._oracle._ask(self._key, self._first + self.used, x)
         self.used += x.shape[0]
         return out
@@ -250,8 +254,7 @@ class BoundOracle:
         repeats. The driver adds ``Info.queries`` to the count; the eager
         :class:`QueryCounter` witnesses that the report is honest.
         """
-        if x.ndim != 4:
-            raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
+        _check_batch(x)
         out, self.classes = self._oracle._ask(self._key, self._first + offset, x)
         return out
 
@@ -264,8 +267,7 @@ class BoundOracle:
         without gaps or repeats. ``live`` (``bool[B]``): the points really asked (:func:`live`; a
         compacted or foreign scorer evaluates only those); the others' numbers and answers are ignored.
         """
-        if x.ndim != 4:
-            raise ValueError(f"oracle queries are batches f32[B, H, W, C]; got shape {x.shape}")
+        _check_batch(x)
         numbers = jnp.asarray(numbers, jnp.int32)
         if numbers.shape != x.shape[:1]:
             raise ValueError(f"numbered(): one number per point, got {numbers.shape} for {x.shape[0]} points")

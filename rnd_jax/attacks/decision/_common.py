@@ -172,15 +172,17 @@ def boundary(oracle, offset, x0, x_adv, norm: str, rel_tol: float, max_iter: int
     width ``rel_tol * min(1, ||x_adv - x0||_inf)`` (HopSkipJump's choice). Returns
     ``(x_boundary, offset)`` with ``x_boundary`` the adversarial end.
     """
-    if norm == "l2":
-        point = lambda a: blend(x0, x_adv, a)
-        _, hi, offset = bisect(oracle, offset, point, 0.0, 1.0, rel_tol, max_iter, cls, targeted)
-    else:
-        d = distance(x_adv, x0, "linf")
-        point = lambda a: linf_clip(x0, x_adv, a)
-        _, hi, offset = bisect(oracle, offset, point, 0.0, d, rel_tol * jnp.minimum(d, 1.0), max_iter, cls,
-                               targeted)
+    point, lo, hi, tol = boundary_path(x0, x_adv, norm, rel_tol)
+    _, hi, offset = bisect(oracle, offset, point, lo, hi, tol, max_iter, cls, targeted)
     return jnp.clip(point(hi), 0.0, 1.0), offset
+
+
+def boundary_path(x0, x_adv, norm: str, rel_tol: float):
+    """The bisection of :func:`boundary`: ``(point(a), lo, hi, tol)`` of its path parameter ``a``."""
+    if norm == "l2":
+        return (lambda a: blend(x0, x_adv, a)), 0.0, 1.0, rel_tol
+    d = distance(x_adv, x0, "linf")
+    return (lambda a: linf_clip(x0, x_adv, a)), 0.0, d, rel_tol * jnp.minimum(d, 1.0)
 
 
 class OnePoint(NamedTuple):
@@ -211,14 +213,12 @@ def then_boundary(oracle, offset, x0, norm: str, rel_tol: float, max_iter: int, 
     """
     f32 = jnp.float32
 
-    def setup(x_adv):  # the bisection of boundary(): path parameter interval and width
-        if norm == "l2":
-            return jnp.zeros((), f32), jnp.ones((), f32), jnp.asarray(rel_tol, f32)
-        d = distance(x_adv, x0, "linf")
-        return jnp.zeros((), f32), jnp.asarray(d, f32), rel_tol * jnp.minimum(d, 1.0)
+    def setup(x_adv):  # boundary()'s interval and width, as arrays (a loop carry)
+        _, lo, hi, tol = boundary_path(x0, x_adv, norm, rel_tol)
+        return tuple(jnp.asarray(v, f32) for v in (lo, hi, tol))
 
     def path(x_adv, a):
-        return blend(x0, x_adv, a) if norm == "l2" else linf_clip(x0, x_adv, a)
+        return boundary_path(x0, x_adv, norm, rel_tol)[0](a)
 
     def settle(c):
         phase, pc, xa, lo, hi, tol, i, bis, off = c
