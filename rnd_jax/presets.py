@@ -94,6 +94,9 @@ Table (``·``: no setting from the source, the digits default stays; ``linf: a, 
 | autozoom | lr | 0.01 | 0.01 | 0.002 | 299 | Tu et al. 2019 (AutoZOOM); ref. main.py, README |
 |  | c | 1 | 1 | 10 |  |  |
 |  | switch_iters | 1000 | 1000 | 1000 |  |  |
+| autozoom_ae | lr | 0.01 | 0.01 | 0.002 | 299 | Tu et al. 2019 (AutoZOOM); ref. main.py, README |
+|  | c | 1 | 1 | 10 |  |  |
+|  | switch_iters | 1000 | 1000 | 1000 |  |  |
 | autozoom_bi | reduced | None | 8 | 32 | 299 | Tu et al. 2019 (AutoZOOM); ref. main.py, README |
 |  | lr | 0.01 | 0.01 | 0.002 |  |  |
 |  | c | 1 | 1 | 10 |  |  |
@@ -139,6 +142,17 @@ Table (``·``: no setting from the source, the digits default stays; ``linf: a, 
 |  | h | 0.0001 | 0.0001 | 0.0001 |  |  |
 |  | c | 0.5 | 0.5 | 10 |  |  |
 |  | lr | 0.01 | 0.01 | 0.002 |  |  |
+| zoo_ae | coords | 16 | 128 | 128 | 299 | Tu et al. 2019 (AutoZOOM); ref. main.py, README |
+|  | h | 0.0001 | 0.0001 | 0.0001 |  |  |
+|  | c | 0.5 | 10 | 10 |  |  |
+|  | lr | 0.01 | 0.01 | 0.002 |  |  |
+| evolutionary | reduced | None | 32 | · | · | Dong et al. 2019; ARES test_iteration.sh (CIFAR-10 only) |
+|  | sigma | 0.01 | 0.03 | · |  |  |
+|  | mu | 0.01 | 0.01 | · |  |  |
+|  | c_c | 0.01 | 0.01 | · |  |  |
+|  | c_cov | 0.001 | 0.001 | · |  |  |
+|  | coord_fraction | 0.05 | 0.05 | · |  |  |
+|  | window | 30 | 30 | · |  |  |
 | rays | tol | 0.001 | 0.001 | 0.001 | size-free | Chen & Gu 2020 (RayS); ref. RayS.py |
 | signopt | k | 100 | 200 | 200 | size-free | Cheng et al. 2020 (Sign-OPT); ref. attack/Sign_OPT.py |
 |  | alpha | 0.2 | 0.2 | 0.2 |  |  |
@@ -263,6 +277,13 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cifar10": dict(lr=0.01, c=1.0, switch_iters=1000),  # ref. main.py (cifar10): lr = 1e-2; -c default 1
         "imagenet": dict(lr=2e-3, c=10.0, switch_iters=1000),  # ref. main.py (imagenet): lr = 2e-3; README -c 10
     },
+    # AutoZOOM-AE: the random-vector estimate in an autoencoder's code, with the same reference settings as
+    # AutoZOOM (main.py lr per dataset; README example 3: autozoom_ae on ImageNet, -c 10, switch 1000). The
+    # code's size is the autoencoder's (rnd_jax.autoencoder: 8x8x3 at 32x32, the reference's cifar10_2).
+    "autozoom_ae": {
+        "cifar10": dict(lr=0.01, c=1.0, switch_iters=1000),  # ref. main.py (cifar10): lr = 1e-2; -c default 1
+        "imagenet": dict(lr=2e-3, c=10.0, switch_iters=1000),  # ref. main.py (imagenet): lr = 2e-3; README -c 10
+    },
     "autozoom_bi": {
         # reduced = 8: the reference's CIFAR-10 attack space (cifar10_2 codec, compress_mode = 2: 8x8x3,
         # d'/d = 6.25%); its BiLIN without --img_resize would attack the full 32x32 space.
@@ -342,6 +363,23 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # imagenet: lr = 2e-3; README ImageNet runs: -c 10.0 (one binary-search step)
         "imagenet": dict(coords=128, h=1e-4, c=10.0, lr=2e-3),
     },
+    # ZOO-AE (Tu et al., AAAI 2019, reference main.py): ZOO's coordinate Adam in an autoencoder's code,
+    # batch_size 128 for zoo and zoo_ae, lr 1e-2 (CIFAR-10) / 2e-3 (ImageNet); README example 2 runs zoo_ae on
+    # CIFAR-10 with --init_const 10 (the ImageNet examples use 10 too). The reference adapts c every
+    # switch_iterations; ZOO's config has a fixed c (as the zoo preset).
+    "zoo_ae": {
+        "cifar10": dict(coords=128, h=1e-4, c=10.0, lr=0.01),  # 128 of the 8x8x3 code's 192 coordinates
+        "imagenet": dict(coords=128, h=1e-4, c=10.0, lr=2e-3),
+    },
+    # Evolutionary (Dong et al., CVPR 2019) has face-recognition settings only (112x112 faces, a 45x45 search
+    # space: the config default scales it to the input). CIFAR-10: the authors' ARES library's benchmark run
+    # (test/test_iteration.sh, ResNet-56): mu 1e-2, sigma 3e-2, decay factor 0.99 (= 1 - c_c), c 1e-3 (c_cov),
+    # no dimension reduction (reduced = 32, the whole image); its worker keeps K = N / 20 coordinates and a
+    # window of 30 offspring (the config defaults). ImageNet: no source; the paper's constants stay.
+    "evolutionary": {
+        "cifar10": dict(reduced=32, sigma=0.03, mu=0.01, c_c=0.01, c_cov=0.001, coord_fraction=0.05, window=30),
+        "imagenet": {},
+    },
     # RayS (Chen & Gu, KDD 2020), reference uclaml/RayS RayS.py: binary_search tol = 1e-3 on every dataset.
     "rays": {"cifar10": dict(tol=1e-3), "imagenet": dict(tol=1e-3)},
     "signopt": {"cifar10": dict(_SIGNOPT), "imagenet": dict(_SIGNOPT)},
@@ -417,6 +455,9 @@ SOURCES = {
     "cw": "Carlini & Wagner 2017; ref. l2_attack.py",
     "pgd": "Madry et al. 2018 (step eps/4: the default)",
     "subspace": "Guo et al. 2019; ref. attack.py defaults",
+    "autozoom_ae": "Tu et al. 2019 (AutoZOOM); ref. main.py, README",
+    "zoo_ae": "Tu et al. 2019 (AutoZOOM); ref. main.py, README",
+    "evolutionary": "Dong et al. 2019; ARES test_iteration.sh (CIFAR-10 only)",
 }
 IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "hsja": "size-free", "hsja_linf": "size-free", "geoda": "224", "signflip": "224", "bandits_td": "299",
@@ -425,6 +466,7 @@ IMAGENET_SIZE = {  # "size-free": no preset value depends on the input size
     "nes_label_only": "299", "signhunter": "size-free", "zoo": "299", "rays": "size-free",
     "signopt": "size-free", "opt": "size-free", "boundary": "size-free", "zo_signsgd": "299",
     "parsimonious": "299", "cw": "size-free", "pgd": "size-free", "subspace": "size-free",
+    "autozoom_ae": "299", "zoo_ae": "299", "evolutionary": "·",
 }
 
 _VERIFIED = dict(name="verified", checks=9, count=False)  # RFD App. D.4: 9 fresh queries, not counted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,11 +20,21 @@ from rnd_jax.attacks.registry import BATTERY_EPS, Context
 # The attacks the presets must cover (registered names; "bandits" and "simba" are aliases).
 REQUIRED = ("hsja", "hsja_linf", "geoda", "signflip", "bandits_td", "autozoom_bi", "genattack", "prgf",
             "square_linf", "square_l2", "simba_pixel", "simba_dct", "nes", "signhunter", "zoo", "rays",
-            "signopt", "opt", "boundary", "nes_label_only", "nes_pi")
+            "signopt", "opt", "boundary", "nes_label_only", "nes_pi", "evolutionary", "zoo_ae", "autozoom_ae")
 
 
 def _fields(name):
     return {f.name for f in dataclasses.fields(ATTACKS[name].config)}
+
+
+class _Decoder:
+    """A stand-in decoder with the shapes the AE attacks check (D(z) = 0 upsampled)."""
+
+    def __init__(self, latent_shape, image_shape):
+        self.latent_shape, self.image_shape = latent_shape, image_shape
+
+    def __call__(self, z):
+        return jnp.zeros(z.shape[:-3] + self.image_shape, jnp.float32)
 
 
 def _pool_ctx(size=32, n=20):
@@ -189,6 +200,14 @@ def test_make_preset_attack_cost_follows_the_sample_counts():
     assert presets.make_preset_attack("signopt", "imagenet", "imagenet_l2_5", ctx=ctx).cost == 200 + 150
     geoda = presets.make_preset_attack("geoda", "imagenet", "imagenet_l2_5", ctx=ctx)
     assert geoda.cost == make_attack("geoda", ctx).cost + 1000 - 200  # max_probes 200 -> 1000
+    # ZOO-AE: 2B + 1 points a step over the autoencoder's code (8x8x3 at 32x32x3, as the reference's codec)
+    decoder = _Decoder((8, 8, 3), (32, 32, 3))
+    zoo_ae = presets.make_preset_attack("zoo_ae", "cifar10", "cifar10_l2_1", ctx=Context(autoencoder=decoder))
+    assert zoo_ae.cost == 2 * 128 + 1 and make_attack("zoo_ae", Context(autoencoder=decoder)).cost == 2 * 16 + 1
+    # the Evolutionary attack's CIFAR-10 search space is the whole image (ARES's benchmark: no reduction)
+    evo = ATTACKS["evolutionary"].config(**presets.preset_config("evolutionary", "cifar10", "cifar10_l2_1"))
+    assert evo.grid((32, 32, 3)) == (32, 32, 3) and evo.coords(32 * 32 * 3) == 154 and evo.sigma == 0.03
+    assert ATTACKS["evolutionary"].config().grid((32, 32, 3)) == (13, 13, 3)  # the face setting, scaled
     # explicit overrides still win
     assert presets.make_preset_attack("nes", "cifar10", "cifar10_linf_0.05", samples=10).cost == 11
 
