@@ -70,8 +70,8 @@ def parse(parser, configure_fn, argv=None):
 
 
 def load(args, c: dict, compact: bool = False) -> SimpleNamespace:
-    """The benchmark's model, clean scorer, test split and attack context (a surrogate or the
-    autoencoder if an attack needs one), trained or loaded from the checkpoint cache; the persistent compilation cache on."""
+    """The benchmark's model, clean scorer, test split and attack context (a surrogate or the autoencoder
+    if an attack needs one), trained or loaded from the checkpoint cache; the persistent compilation cache on."""
     compile_cache.enable()
     show = not args.no_progress
     model, params = train.load_or_train(c["model"], args.dataset, train.TrainConfig(), progress=show)

@@ -250,6 +250,17 @@ _OPT = dict(q=10, alpha=0.2, beta=1e-3, min_beta=1e-4)
 _BOUNDARY = dict(proposals=1, spherical_step=0.01, source_step=0.01, adaptation=1.5,
                  spherical_every=10, spherical_window=100, step_window=30)
 
+# AutoZOOM (Tu et al., AAAI 2019), reference IBM/Autozoom-Attack main.py: lr 1e-2 (CIFAR-10) / 2e-3
+# (ImageNet), c starts at init_const (default 1; 10 in the ImageNet README example), switch_iterations 1000.
+_AUTOZOOM = {
+    "cifar10": dict(lr=0.01, c=1.0, switch_iters=1000),  # ref. main.py (cifar10): lr = 1e-2; -c default 1
+    "imagenet": dict(lr=2e-3, c=10.0, switch_iters=1000),  # ref. main.py (imagenet): lr = 2e-3; README -c 10
+}
+
+# ZOO's reference settings (huanzhang12/ZOO-Attack; the AutoZOOM reference's zoo and zoo_ae likewise): batch
+# 128, h = 1e-4, -c 10.0 in the README's ImageNet runs (and AutoZOOM's zoo_ae CIFAR-10 example), ImageNet lr 2e-3.
+_ZOO_REF = dict(coords=128, h=1e-4, c=10.0, lr=2e-3)
+
 ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "hsja": {"cifar10": dict(_HSJA), "imagenet": dict(_HSJA)},  # HSJA, l2 (and linf) on CIFAR-10 / ImageNet
     "hsja_linf": {"cifar10": dict(_HSJA), "imagenet": dict(_HSJA)},
@@ -271,19 +282,11 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cifar10": {},  # ImageNet-only paper: digits defaults (tile = 1: no data prior)
         "imagenet": dict(tile=4),  # 50x50 grid = 6-px tiles on 299 (Inception-v3), 4.5 px on 224: tile 4
     },
-    # AutoZOOM (Tu et al., AAAI 2019), reference IBM/Autozoom-Attack main.py: lr 1e-2 (CIFAR-10) / 2e-3
-    # (ImageNet), c starts at init_const (default 1; 10 in the ImageNet README example), switch_iterations 1000.
-    "autozoom": {
-        "cifar10": dict(lr=0.01, c=1.0, switch_iters=1000),  # ref. main.py (cifar10): lr = 1e-2; -c default 1
-        "imagenet": dict(lr=2e-3, c=10.0, switch_iters=1000),  # ref. main.py (imagenet): lr = 2e-3; README -c 10
-    },
+    "autozoom": {"cifar10": dict(_AUTOZOOM["cifar10"]), "imagenet": dict(_AUTOZOOM["imagenet"])},
     # AutoZOOM-AE: the random-vector estimate in an autoencoder's code, with the same reference settings as
-    # AutoZOOM (main.py lr per dataset; README example 3: autozoom_ae on ImageNet, -c 10, switch 1000). The
-    # code's size is the autoencoder's (rnd_jax.autoencoder: 8x8x3 at 32x32, the reference's cifar10_2).
-    "autozoom_ae": {
-        "cifar10": dict(lr=0.01, c=1.0, switch_iters=1000),  # ref. main.py (cifar10): lr = 1e-2; -c default 1
-        "imagenet": dict(lr=2e-3, c=10.0, switch_iters=1000),  # ref. main.py (imagenet): lr = 2e-3; README -c 10
-    },
+    # AutoZOOM (README example 3 is autozoom_ae on ImageNet: -c 10, switch 1000). The code's size is the
+    # autoencoder's (rnd_jax.autoencoder: 8x8x3 at 32x32, the reference's cifar10_2).
+    "autozoom_ae": {"cifar10": dict(_AUTOZOOM["cifar10"]), "imagenet": dict(_AUTOZOOM["imagenet"])},
     "autozoom_bi": {
         # reduced = 8: the reference's CIFAR-10 attack space (cifar10_2 codec, compress_mode = 2: 8x8x3,
         # d'/d = 6.25%); its BiLIN without --img_resize would attack the full 32x32 space.
@@ -360,16 +363,15 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "zoo": {
         # BlackBoxL2(batch_size=128), lr = 1e-2, init_const 0.5 without binary search, h = 1e-4 (0.0001 probes)
         "cifar10": dict(coords=128, h=1e-4, c=0.5, lr=0.01),
-        # imagenet: lr = 2e-3; README ImageNet runs: -c 10.0 (one binary-search step)
-        "imagenet": dict(coords=128, h=1e-4, c=10.0, lr=2e-3),
+        "imagenet": dict(_ZOO_REF),  # one binary-search step at -c 10.0
     },
     # ZOO-AE (Tu et al., AAAI 2019, reference main.py): ZOO's coordinate Adam in an autoencoder's code,
     # batch_size 128 for zoo and zoo_ae, lr 1e-2 (CIFAR-10) / 2e-3 (ImageNet); README example 2 runs zoo_ae on
     # CIFAR-10 with --init_const 10 (the ImageNet examples use 10 too). The reference adapts c every
     # switch_iterations; ZOO's config has a fixed c (as the zoo preset).
     "zoo_ae": {
-        "cifar10": dict(coords=128, h=1e-4, c=10.0, lr=0.01),  # 128 of the 8x8x3 code's 192 coordinates
-        "imagenet": dict(coords=128, h=1e-4, c=10.0, lr=2e-3),
+        "cifar10": dict(_ZOO_REF, lr=0.01),  # 128 of the 8x8x3 code's 192 coordinates
+        "imagenet": dict(_ZOO_REF),
     },
     # Evolutionary (Dong et al., CVPR 2019) has face-recognition settings only (112x112 faces, a 45x45 search
     # space: the config default scales it to the input). CIFAR-10: the authors' ARES library's benchmark run

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from rnd_jax import presets
+from rnd_jax.autoencoder import AutoencoderConfig
 from rnd_jax.attacks import ATTACKS, make_attack
 from rnd_jax.attacks.driver import StopRule
 from rnd_jax.attacks.registry import BATTERY_EPS, Context
@@ -201,7 +202,7 @@ def test_make_preset_attack_cost_follows_the_sample_counts():
     geoda = presets.make_preset_attack("geoda", "imagenet", "imagenet_l2_5", ctx=ctx)
     assert geoda.cost == make_attack("geoda", ctx).cost + 1000 - 200  # max_probes 200 -> 1000
     # ZOO-AE: 2B + 1 points a step over the autoencoder's code (8x8x3 at 32x32x3, as the reference's codec)
-    decoder = _Decoder((8, 8, 3), (32, 32, 3))
+    decoder = _Decoder(AutoencoderConfig().latent_shape((32, 32, 3)), (32, 32, 3))
     zoo_ae = presets.make_preset_attack("zoo_ae", "cifar10", "cifar10_l2_1", ctx=Context(autoencoder=decoder))
     assert zoo_ae.cost == 2 * 128 + 1 and make_attack("zoo_ae", Context(autoencoder=decoder)).cost == 2 * 16 + 1
     # the Evolutionary attack's CIFAR-10 search space is the whole image (ARES's benchmark: no reduction)
