@@ -12,7 +12,7 @@ import pytest
 from rnd_jax import compile_cache, data, pytree
 from rnd_jax.attacks import Context, make_attack
 from rnd_jax.attacks.score import square as sq
-from rnd_jax.compact import compacted
+from rnd_jax.compact import compacted, pointwise
 from rnd_jax.defenses import model_scorer, output_noise
 from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, select_images
 from rnd_jax.oracle import Oracle, live_while
@@ -77,6 +77,33 @@ def _sequential_tries(cfg, draw, rep, state):
         cand, s = draw(state, jnp.int32(t))
         if not bool(rep(state, cand)) or t + 1 == cfg.max_tries:
             return np.asarray(cand), int(s), t + 1
+
+
+def test_pointwise_answers_and_gradients_do_not_depend_on_the_batch(digits_model, digits_test):
+    """A point's answer and its gradient through ``pointwise`` are the same bits alone, in a batch and under
+    nested vmaps (the plain model's need not be: XLA's CPU kernels change with the batch size), and equal
+    the plain scorer's to float32 rounding; its noise comes from the point's own key."""
+    model, params = digits_model
+    plain = model_scorer(model, params)
+    x = jnp.asarray(digits_test[0][:12])
+    keys = jax.random.split(jax.random.key(0), 12)
+    grad_of = lambda s: lambda p, k: jax.grad(lambda z: jnp.log(s(z[None], k[None])[0, 3]))(p)  # noqa: E731
+    for s in (pointwise(plain), output_noise(pointwise(plain), 1e-3), pointwise(output_noise(plain, 1e-3))):
+        one = jax.jit(lambda p, k: s(p[None], k[None])[0])
+        alone = np.stack([np.asarray(one(x[i], keys[i])) for i in range(12)])
+        np.testing.assert_array_equal(np.asarray(jax.jit(s)(x, keys)), alone)
+        nested = jax.jit(jax.vmap(jax.vmap(one)))(x.reshape((3, 4) + x.shape[1:]), keys.reshape(3, 4))
+        np.testing.assert_array_equal(np.asarray(nested).reshape(alone.shape), alone)
+        g = grad_of(s)
+        g_alone = np.stack([np.asarray(jax.jit(g)(x[i], keys[i])) for i in range(12)])
+        np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(g))(x, keys)), g_alone)
+    np.testing.assert_allclose(np.asarray(jax.jit(pointwise(plain))(x, None)), np.asarray(plain(x, None)),
+                               rtol=1e-5, atol=1e-7)
+    g_plain = np.asarray(jax.jit(jax.vmap(grad_of(plain)))(x, keys))
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(grad_of(pointwise(plain))))(x, keys)), g_plain,
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError):
+        pointwise("not a scorer")
 
 
 def test_square_vectorised_redraws_equal_the_tries_one_by_one():
