@@ -17,6 +17,7 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
   every kind by default, all with -m slow).
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -28,6 +29,7 @@ import pytest
 from conftest import as_np, keys
 from rnd_jax import autoencoder, data, pytree
 from rnd_jax.attacks import ATTACKS, Context, driver, make_attack
+from rnd_jax.compact import pointwise
 from rnd_jax.defenses import output_noise
 from rnd_jax.evaluate import QueryTap, tap_scorer
 from rnd_jax.oracle import Oracle, QueryCounter
@@ -79,11 +81,13 @@ TAPS = {}
 def runner(name, context, clean_scorer, targeted, n, short=False):
     """One compiled program per (attack, goal, batch size, budget), shared by the tests below.
 
-    The budget is the battery's, or with ``short`` at most 20 steps: over hundreds of steps the last
-    bits of a batched and an unbatched matrix product can grow apart in chaotic attacks, which would
-    hide what the replay test checks. The costliest programs to compile (GeoDA, HSJA, OPT, Sign-OPT)
-    reach their battery budget within 20 worst-case steps, so their replay test reuses the success
-    test's program.
+    The budget is the battery's, or with ``short`` at most 20 steps (the replay and alone tests). A short
+    program asks the model, and differentiates the surrogates, point by point
+    (:func:`rnd_jax.compact.pointwise`): XLA's CPU kernels round a point's answer differently in batches of
+    different sizes, and an attack with a small finite-difference step or sign steps turns such last-bit
+    differences into other iterates, so only a batch-independent model can show that an image alone does
+    what it does in a batch. The costliest programs to compile (GeoDA, HSJA, OPT, Sign-OPT) reach their
+    battery budget within 20 worst-case steps, so their replay test reuses the success test's program.
 
     The output-noise level ``sigma`` is an argument (0 answers exactly what the clean model answers), so
     the undefended run and the noisy replay runs are the same compiled program; so is the stop rule (a
@@ -91,6 +95,11 @@ def runner(name, context, clean_scorer, targeted, n, short=False):
     is wrapped in ``chex.assert_max_traces(n=1)`` under its own name, so any retrace of it fails the test
     that caused it.
     """
+    if short:  # the model and the attacker's own surrogates answer point by point
+        clean_scorer = pointwise(clean_scorer)
+        context = dataclasses.replace(
+            context, surrogate=context.surrogate and pointwise(context.surrogate),
+            surrogates=context.surrogates and tuple(pointwise(s) for s in context.surrogates))
     attack, budget = build(name, context, targeted)
     if short:
         budget = min(budget, 20 * attack.cost)
@@ -198,6 +207,12 @@ def test_replay_is_bit_identical(name, context, clean_scorer, attack_set):
 
 
 
+# P-RGF's l_2 steps follow alpha and lambda*, finite differences divided by sigma = 1e-3: a last-bit difference in
+# the attack's own reductions (XLA rounds them differently batched and alone) moves its iterate continuously
+# (3.7e-3 after 20 steps, on AVX2), with the same queries and decisions, which the test still checks exactly.
+ALONE_ATOL = {"prgf": 1e-2}
+
+
 @pytest.mark.parametrize("name", by_attack(NAMES, slow=ALONE_SLOW))
 def test_alone_equals_batch_and_host_count(name, context, clean_scorer, attack_set):
     """An image run alone (not vmapped) equals the same image inside the noisy batch, its checks too; a
@@ -215,7 +230,7 @@ def test_alone_equals_batch_and_host_count(name, context, clean_scorer, attack_s
         jax.effects_barrier()
         assert alone.queries[0] == a.queries[i] and alone.lucky[0] == a.lucky[i], (name, i)
         assert alone.success[0] == a.success[i] and alone.check_queries[0] == a.check_queries[i], (name, i)
-        np.testing.assert_allclose(alone.x_adv[0], a.x_adv[i], atol=1e-6)
+        np.testing.assert_allclose(alone.x_adv[0], a.x_adv[i], atol=ALONE_ATOL.get(name, 1e-6))
         # the host saw exactly the driver's count, within the budget (the rule's checks ask the untapped scorer)
         assert tap.n == alone.queries[0] <= budget, (name, i, tap.n)
 
