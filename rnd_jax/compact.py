@@ -12,9 +12,12 @@ nothing reads them (the loop keeps those images' state).
 
 Results are those of the unwrapped scorer, bit for bit, whenever the scorer's answer to a point
 does not depend on the size of the batch it travels in: true of every built-in defense (a point's
-noise comes from its own key) and of models whose kernels do not change with the batch size. On
-the CPU a convolution's kernels differ for batches of 1 and 2 points (last-bit differences), not
-from 4 on; hence ``min_batch = 8`` by default. ``tests/test_compact.py`` checks whole runs.
+noise comes from its own key) and of models whose kernels do not change with the batch size
+(:func:`pointwise` makes any scorer so, at one model call per point). On the CPU a convolution's
+kernels differ for batches of 1 and 2 points (last-bit differences); on some CPUs (AVX2) a matrix
+product's rows differ between most batch sizes, so a compacted run can part from the plain one in
+an attack that amplifies last bits. ``min_batch = 8`` by default. ``tests/test_compact.py`` checks
+whole runs.
 
 Use it around the most expensive part, the defended scorer an :class:`~rnd_jax.oracle.Oracle`
 asks (``evaluate.make_runner(..., compact=True)`` does this). Outside ``vmap`` or outside a
