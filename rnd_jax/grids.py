@@ -256,7 +256,7 @@ _add({
                           note=_AITHAL + "The paper's rows: ZOO, AZ+AE (autozoom_ae: AutoZOOM in the 4x4x1 code of an "
                           "autoencoder of the training digits), SimBA-pixel, SimBA-DCT, P-RGF. Differs: digits; 30 "
                           "images; each attack at its registry budget (ZOO 10 000, AutoZOOM-AE 2 000, SimBA 1 000, "
-                          "P-RGF 2 000); l2 eps 1.0."),
+                          "P-RGF 10 000); l2 eps 1.0."),
 })
 
 _add({
