@@ -557,7 +557,7 @@ def _defense_comparison(name: str, targeted: bool, attacks, table: str, paper: s
                           "counted. The paper's 'Our Method' column is output noise at sigma = 1e-2 or 1e-1 "
                           f"(its values match Tables 2 / 9 at those levels): both are here. Differs: {paper}; digits "
                           "8x8 (their CIFAR-10 / ImageNet), digits_cnn; 20 images (1 000 / 200); each attack at its "
-                          "registry budget (ZOO, NES, GenAttack 10 000, P-RGF 2 000; the paper 1e5 to 1e6); random "
+                          "registry budget (ZOO, NES, GenAttack, P-RGF 10 000; the paper 1e5 to 1e6); random "
                           f"resize-pad at max_extra {RRP_EXTRA} on 8 pixels (32 on 299: 0.86 pixel here; a random "
                           "offset in a 9x9 frame, resized back to 8x8 for digits_cnn), which costs the undefended "
                           "model 27% of its clean accuracy (acc_defended_mean; theirs about 1%), so its row measures "
