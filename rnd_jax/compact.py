@@ -72,30 +72,10 @@ def _program(static, min_batch: int, keyless: bool):
         with _oracle.outside_loops():  # the wrapped scorer sees only live points
             return _bucketed(scorer, min_batch, x, mask, keys[0] if keys else None)
 
-    fn = jax.custom_batching.custom_vmap(on_live)
+    def plain(arrays, x, mask, *keys):  # a scorer that varies over the batch: no compaction
+        return pytree.combine(arrays, static)(x, keys[0] if keys else None)
 
-    @fn.def_vmap
-    def rule(axis_size, in_batched, arrays, x, mask, *keys):
-        arrays_b, x_b, mask_b = in_batched[:3]
-        keys_b = bool(keys) and in_batched[3]
-
-        def full(v, batched):
-            return v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
-
-        if any(jax.tree_util.tree_leaves(arrays_b)):  # the scorer itself varies over the batch: no compaction
-            def plain(a, xx, *kk):
-                return pytree.combine(a, static)(xx, kk[0] if kk else None)
-            return jax.vmap(plain)(jax.tree_util.tree_map(lambda v, b: full(v, b), arrays, arrays_b),
-                                   full(x, x_b), *[full(keys[0], keys_b)] if keys else []), True
-        x, mask = full(x, x_b), full(mask, mask_b)
-        lead = x.shape[:2]
-        flat = [arrays, x.reshape((-1,) + x.shape[2:]), mask.reshape(-1)]
-        if keys:
-            k = full(keys[0], keys_b)
-            flat.append(k.reshape((-1,) + k.shape[2:]))
-        out = fn(*flat)
-        return out.reshape(lead + out.shape[1:]), True
-
+    fn = _flattened(on_live, plain)
     _PROGRAMS[cache_key] = fn
     return fn
 
@@ -134,7 +114,6 @@ def _bucketed(scorer, min_batch: int, x, mask, keys):
     return jnp.zeros_like(sorted_out).at[order].set(sorted_out)
 
 
-
 def pointwise(scorer):
     """``scorer`` answering every point through one and the same one-point program.
 
@@ -165,8 +144,10 @@ def _pointwise_scores(scorer, x, keys):
 _POINTWISE: dict = {}
 
 
-def _flattened(fn, static):
-    """``fn(arrays, *per_point)`` under ``vmap``: the points of every image flattened into one call."""
+def _flattened(fn, per_image):
+    """``fn(arrays, *per_point)`` under ``vmap``: the points of every image flattened into one call of ``fn``
+    (unbatched arguments broadcast first). Where the arrays themselves vary over the batch, ``per_image``
+    (same signature) is vmapped instead."""
     fn = jax.custom_batching.custom_vmap(fn)
 
     @fn.def_vmap
@@ -174,12 +155,9 @@ def _flattened(fn, static):
         def full(v, batched):
             return v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
 
-        if any(jax.tree_util.tree_leaves(in_batched[0])):  # the scorer itself varies over the batch
-            def plain(a, *pp):
-                return pytree.combine(a, static)(pp[0], pp[1] if len(pp) > 1 else None)
-            return jax.vmap(plain)(jax.tree_util.tree_map(full, arrays, in_batched[0]),
-                                   *(full(v, b) for v, b in zip(per_point, in_batched[1:]))), True
         args = [full(v, b) for v, b in zip(per_point, in_batched[1:])]
+        if any(jax.tree_util.tree_leaves(in_batched[0])):
+            return jax.vmap(per_image)(jax.tree_util.tree_map(full, arrays, in_batched[0]), *args), True
         lead = args[0].shape[:2]
         out = fn(arrays, *(v.reshape((-1,) + v.shape[2:]) for v in args))
         return out.reshape(lead + out.shape[1:]), True
@@ -211,7 +189,7 @@ def _pointwise_program(static, keyless: bool):
             return jax.vjp(lambda z: one(arrays, z, k[0] if k else None), p)[1](c)[0]
         return one_at_a_time(pull, x, ct, *keys)
 
-    ask, pull = _flattened(answers, static), _flattened(pullbacks, static)
+    ask, pull = _flattened(answers, answers), _flattened(pullbacks, pullbacks)
 
     @jax.custom_vjp
     def fn(arrays, x, *keys):
