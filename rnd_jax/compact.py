@@ -21,7 +21,8 @@ whole runs.
 
 Use it around the most expensive part, the defended scorer an :class:`~rnd_jax.oracle.Oracle`
 asks (``evaluate.make_runner(..., compact=True)`` does this). Outside ``vmap`` or outside a
-driver loop it is the wrapped scorer.
+driver loop it is the wrapped scorer. :func:`on_live` does the same for an attack's own per-image
+work in a step (Square's re-draws), chunk by chunk with one copy of that work in the program.
 """
 
 from __future__ import annotations
@@ -112,6 +113,58 @@ def _bucketed(scorer, min_batch: int, x, mask, keys):
     index = jnp.where(n_live == 0, 0, 1 + above)
     sorted_out = jax.lax.switch(index, branches, xs, ks)
     return jnp.zeros_like(sorted_out).at[order].set(sorted_out)
+
+
+def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
+    """``fn(live, *args)`` for one image, computed under ``vmap`` for the live images only.
+
+    An attack's own per-image work in a step (e.g. Square's re-draws) runs, like the model, for every
+    image while any image goes on. Here, inside a driver loop under ``vmap``, the images whose points
+    are really asked (:func:`rnd_jax.oracle.live`) are gathered to the front and ``fn`` runs, vmapped,
+    on a chunk of them at a time, in a loop over as many chunks as hold the live images (one copy of
+    ``fn`` in the program; a chunk holds ``max(chunk, ceil(batch / max_chunks))`` images); nested ``vmap`` axes are flattened into one batch. ``live`` (a bool)
+    tells ``fn`` whether its image is live: the last chunk's other rows are padding, so ``fn``'s loops
+    should end at once for them. The outputs of images that are not live are zeros (nothing reads
+    them). Outside a driver loop (or ``vmap``) it is ``fn(True, *args)``. ``fn`` must compute each
+    image's result bit for bit the same in a batch of any size: integer and elementwise work, no float
+    reductions whose order could change.
+    """
+    for name, v in (("chunk", chunk), ("max_chunks", max_chunks)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    pred = _oracle.live()
+    if pred is None:
+        return fn(jnp.ones((), bool), *args)
+    leaves, tree = jax.tree_util.tree_flatten(args)
+
+    def run(live, *flat):
+        return fn(live, *jax.tree_util.tree_unflatten(tree, flat))
+
+    def core(arrays, mask, *flat):
+        del arrays
+        n = mask.shape[0]
+        width = min(n, max(chunk, -(-n // max_chunks)))
+        order = jnp.argsort(jnp.logical_not(mask), stable=True)  # live images first, in their order
+        gathered = [v[order] for v in flat]
+        n_live = jnp.sum(mask.astype(jnp.int32))
+        shapes = jax.eval_shape(run, mask[0], *(v[0] for v in flat))
+        empty = jax.tree_util.tree_map(lambda o: jnp.zeros((n,) + o.shape, o.dtype), shapes)
+
+        def body(c):
+            i, out = c
+            rows = i * width + jnp.arange(width)
+            live = rows < n_live
+            part = jax.vmap(run)(live, *(v[jnp.minimum(rows, n - 1)] for v in gathered))
+            to = jnp.where(live, rows, n)  # padding rows write nowhere
+            return i + 1, jax.tree_util.tree_map(lambda o, p_: o.at[to].set(p_, mode="drop"), out, part)
+
+        n_chunks = (n_live + width - 1) // width
+        _, out = jax.lax.while_loop(lambda c: c[0] < n_chunks, body, (jnp.zeros((), jnp.int32), empty))
+        return jax.tree_util.tree_map(lambda o: jnp.zeros_like(o).at[order].set(o), out)
+
+    flat_fn = _flattened(core, core)
+    out = flat_fn((), jnp.asarray(pred, bool)[None], *(v[None] for v in leaves))
+    return jax.tree_util.tree_map(lambda o: o[0], out)
 
 
 def pointwise(scorer):

@@ -12,7 +12,7 @@ import pytest
 from rnd_jax import compile_cache, data, pytree
 from rnd_jax.attacks import Context, make_attack
 from rnd_jax.attacks.score import square as sq
-from rnd_jax.compact import compacted, pointwise
+from rnd_jax.compact import compacted, on_live, pointwise
 from rnd_jax.defenses import model_scorer, output_noise
 from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, select_images
 from rnd_jax.oracle import Oracle, live_while
@@ -133,6 +133,70 @@ def test_square_vectorised_redraws_equal_the_tries_one_by_one():
         known.append(np.asarray(sq.point_hash(jnp.asarray(cand))))
         last_tries = int(tries)
     assert len(known) >= 5  # several rounds, the last one with every try repeating
+
+
+def test_on_live_runs_the_live_images_only_and_equals_every_image():
+    """Under vmap in a driver-style loop, ``on_live`` evaluates ``fn`` on the live images (in chunks, with
+    padding rows told they are not live) and gives each live image what ``fn`` alone gives it."""
+    rows = []
+
+    def fn(live, x, k):
+        jax.debug.callback(lambda v: rows.append(bool(v)), live)
+        return jnp.where(live, x * 2 + jax.random.uniform(k), -1.0)
+
+    def one(x, k, n, chunk):
+        def body(c):
+            i, acc = c
+            return i + 1, acc + on_live(fn, acc, jax.random.fold_in(k, i), chunk=chunk, max_chunks=100)
+        return live_while(lambda c: c[0] < n, body, (jnp.zeros((), jnp.int32), x))[1]
+
+    steps = np.asarray([1] * 12 + [2] * 5 + [3] * 2 + [4])
+    xs, ks = jnp.arange(20.0), jax.random.split(jax.random.key(0), 20)
+    expect = []
+    for i in range(20):  # the witness: each image alone, eagerly
+        acc = xs[i]
+        for j in range(int(steps[i])):
+            acc = acc + acc * 2 + jax.random.uniform(jax.random.fold_in(ks[i], j))
+        expect.append(float(acc))
+    out = jax.jit(jax.vmap(lambda x, k, n: one(x, k, n, 2)))(xs, ks, jnp.asarray(steps))
+    jax.effects_barrier()
+    np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-6)
+    # 20, 8, 3 and 1 live images in chunks of 2: 20 + 8 + 4 + 2 rows, not 4 steps x 20 images
+    assert len(rows) == 34 and sum(rows) == int(steps.sum())
+    nested = jax.jit(jax.vmap(jax.vmap(lambda x, k, n: one(x, k, n, 3))))(
+        xs.reshape(4, 5), ks.reshape(4, 5), jnp.asarray(steps).reshape(4, 5))
+    np.testing.assert_allclose(np.asarray(nested).reshape(-1), expect, rtol=1e-6)
+    assert float(on_live(fn, xs[0], ks[0])) == float(xs[0] * 2 + jax.random.uniform(ks[0]))  # outside loops
+    with pytest.raises(ValueError, match="chunk"):
+        on_live(fn, xs[0], ks[0], chunk=0)
+
+
+def test_square_redraws_on_live_images_only_keep_whole_runs_bit_identical(digits_model, monkeypatch):
+    """Square l_inf with its re-draws computed for the live images only equals the run that draws them for
+    every image, bit for bit, under output noise with a small memory (every try repeats, points evicted)."""
+    model, params = digits_model
+    x, y = data.load("digits", "test")
+    clean = model_scorer(model, params)
+    sel = select_images(jax.random.key(3), clean, x, y, 12, True, 10)
+    keys = image_keys(jax.random.key(4), jax.random.key(5), sel.index)
+    attack = make_attack("square_linf", None, eps=0.3, memory=48, max_tries=12)
+    protocol = Protocol(n_images=12, targeted=True, budget=400)
+    outs, traced = [], []
+
+    def every_image(fn, *a, **kw):
+        traced.append(True)
+        return fn(jnp.ones((), bool), *a)
+
+    for plain in (False, True):
+        if plain:  # every image draws its tries, as without compaction (a new program: traced again)
+            monkeypatch.setattr(sq.compact, "on_live", every_image)
+        scorer = model_scorer(model, params, compact=True)
+        runner = make_runner(attack, Oracle(output_noise(scorer, 0.02), attack.output), scorer, protocol)
+        res = pytree.jit(lambda r, *a: pytree.apply(r, *a))(runner, *cell_inputs(sel, keys))  # its own program
+        outs.append(jax.tree_util.tree_map(np.asarray, res))
+    assert traced and np.ptp(outs[0][0].queries) > 0 and np.max(outs[0][0].queries) > 48  # finished apart
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_compile_cache_folder_and_switch(tmp_path, monkeypatch):

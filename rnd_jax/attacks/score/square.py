@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnd_jax import losses
+from rnd_jax import compact, losses
+from rnd_jax import oracle as _oracle
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
 from rnd_jax.attacks.score.nes import is_adversarial
@@ -377,15 +378,36 @@ def draw_distinct(cfg, state: SquareState, k, p):
     drawn alone (usually it is new); the others :data:`TRY_CHUNK` at a time, vectorised, so a step whose
     proposals keep repeating (one-pixel windows late in a run) costs a few loop iterations, not one per
     try (l_inf; l_2 proposals one at a time). The result is the same as drawing the tries one by one: each
-    is a function of ``(k, t)`` alone.
+    is a function of ``(k, t)`` alone. Inside a driver loop under ``vmap`` the l_inf tries are drawn for
+    the live images only (:func:`rnd_jax.compact.on_live`: their draws are integer and elementwise work,
+    the same bits in a batch of any size); an image whose step is discarded draws try 0 only.
     """
-    cand0, s0 = draw_proposal(cfg, state, k, p, jnp.zeros((), jnp.int32))
+    if cfg.norm == "linf":
+        t = compact.on_live(lambda live, st, k_, p_: _first_fresh(cfg, live, st, k_, p_), state, k, p)
+    else:
+        t = _first_fresh(cfg, _oracle.live(), state, k, p)
+    cand, s = draw_proposal(cfg, state, k, p, t)
+    return cand, s, t + 1
+
+
+def _first_fresh(cfg, live, state: SquareState, k, p):
+    """The loop of :func:`draw_distinct`: the index of the first try that does not repeat a point.
+
+    ``live`` (``None``: true): whether the image's step is really taken; if not, the loop ends at once.
+    """
+    zero = jnp.zeros((), jnp.int32)
     if cfg.max_tries == 1:
-        return cand0, s0, jnp.ones((), jnp.int32)
+        return zero
     # l_2 proposals sum over the window: drawn several at once (vmapped) their float sums may round
     # differently, so they keep one try per iteration (they rarely repeat: their values are continuous)
     width = min(TRY_CHUNK if cfg.norm == "linf" else 1, cfg.max_tries - 1)
     last = jnp.int32(cfg.max_tries - 1)
+
+    def fresh_tries(ts):
+        if width == 1:
+            return ~repeats(state, draw_proposal(cfg, state, k, p, ts[0])[0])[None]
+        cands, _ = jax.vmap(lambda t: draw_proposal(cfg, state, k, p, t))(ts)
+        return ~jax.vmap(lambda x: repeats(state, x))(cands)
 
     def cond(c):
         start, found = c[0], c[1]
@@ -395,19 +417,14 @@ def draw_distinct(cfg, state: SquareState, k, p):
         start = c[0]
         ts = start + jnp.arange(width, dtype=jnp.int32)
         ts_in = jnp.minimum(ts, last)
-        if width == 1:
-            cand, side_ = draw_proposal(cfg, state, k, p, ts_in[0])
-            cands, sides, fresh = cand[None], side_[None], ~repeats(state, cand)[None]
-        else:
-            cands, sides = jax.vmap(lambda t: draw_proposal(cfg, state, k, p, t))(ts_in)
-            fresh = ~jax.vmap(lambda x: repeats(state, x))(cands)
-        fresh = fresh & (ts <= last)
+        fresh = fresh_tries(ts_in) & (ts <= last)
         j = jnp.where(jnp.any(fresh), jnp.argmax(fresh), jnp.argmax(ts_in))  # first fresh, else the last try
-        return start + width, jnp.any(fresh) | (start + width > last), cands[j], sides[j], ts_in[j]
+        return start + width, jnp.any(fresh) | (start + width > last), ts_in[j]
 
-    init = (jnp.ones((), jnp.int32), ~repeats(state, cand0), cand0, s0, jnp.zeros((), jnp.int32))
-    _, _, cand, s, t = jax.lax.while_loop(cond, body, init)
-    return cand, s, t + 1
+    found = ~repeats(state, draw_proposal(cfg, state, k, p, zero)[0])
+    if live is not None:
+        found = found | ~jnp.asarray(live, bool)
+    return jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), found, zero))[2]
 
 
 def square(cfg) -> Attack:
