@@ -145,7 +145,6 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
         n = mask.shape[0]
         width = min(n, max(chunk, -(-n // max_chunks)))
         order = jnp.argsort(jnp.logical_not(mask), stable=True)  # live images first, in their order
-        gathered = [v[order] for v in flat]
         n_live = jnp.sum(mask.astype(jnp.int32))
         shapes = jax.eval_shape(run, mask[0], *(v[0] for v in flat))
         empty = jax.tree_util.tree_map(lambda o: jnp.zeros((n,) + o.shape, o.dtype), shapes)
@@ -154,13 +153,13 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
             i, out = c
             rows = i * width + jnp.arange(width)
             live = rows < n_live
-            part = jax.vmap(run)(live, *(v[jnp.minimum(rows, n - 1)] for v in gathered))
-            to = jnp.where(live, rows, n)  # padding rows write nowhere
+            at = order[jnp.minimum(rows, n - 1)]  # only this chunk's images are gathered
+            part = jax.vmap(run)(live, *(v[at] for v in flat))
+            to = jnp.where(live, at, n)  # padding rows write nowhere
             return i + 1, jax.tree_util.tree_map(lambda o, p_: o.at[to].set(p_, mode="drop"), out, part)
 
         n_chunks = (n_live + width - 1) // width
-        _, out = jax.lax.while_loop(lambda c: c[0] < n_chunks, body, (jnp.zeros((), jnp.int32), empty))
-        return jax.tree_util.tree_map(lambda o: jnp.zeros_like(o).at[order].set(o), out)
+        return jax.lax.while_loop(lambda c: c[0] < n_chunks, body, (jnp.zeros((), jnp.int32), empty))[1]
 
     flat_fn = _flattened(core, core)
     out = flat_fn((), jnp.asarray(pred, bool)[None], *(v[None] for v in leaves))
