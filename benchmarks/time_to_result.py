@@ -19,7 +19,7 @@ inlined and evaluated on the live points only (:mod:`rnd_jax.compact`, as in the
   counted by a second run of the same cell whose model is a host callback
   (:func:`rnd_jax.foreign.separately_compiled`, which sends only the live images' points and
   records how many per call; ``host_queries_match`` says whether that run spent exactly the same
-  queries per image);
+  queries per image; white-box attacks, which need the model's gradients, have no host run);
 - ``bound_s``, the **sequential bound**: the sum over those calls of the raw forward time of the
   model at the batch that call had in flight (its live points; measured in the same run, jitted
   ``model.apply`` at powers of two, interpolated linearly), i.e. the time an implementation that
@@ -207,7 +207,9 @@ def main(argv=None) -> dict:
             metrics = summarize(sel, *res, protocol.targeted, protocol.check_queries, protocol.eps, protocol.norm)
             row["asr"] = metrics["asr"]
             row["queries_mean"] = float(np.mean(np.asarray(res[0].queries)))
-            if not args.no_host:
+            if not args.no_host and spec.family == "whitebox":
+                row["host"] = "skipped: a white-box attack needs the model's gradients, which a host model lacks"
+            elif not args.no_host:
                 h_oracle = Oracle(output_noise(host_clean, sigma), attack.output)
                 h_runner = make_runner(attack, h_oracle, host_clean, protocol)
                 h_exe = program.lower(h_runner, *inputs).compile()

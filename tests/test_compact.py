@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +200,21 @@ def test_square_redraws_on_live_images_only_keep_whole_runs_bit_identical(digits
     assert traced and np.ptp(outs[0][0].queries) > 0 and np.max(outs[0][0].queries) > 48  # finished apart
     for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_time_to_result_counts_a_score_attack_and_skips_the_host_run_of_a_white_box_one(digits_model, tmp_path):
+    """The benchmark end to end (its own process: it clears JAX's caches): Square's host-counted run spends
+    the driver's queries; PGD, which needs gradients, runs without one."""
+    out = tmp_path / "ttr.json"
+    cmd = [sys.executable, "-m", "benchmarks.time_to_result", "--attacks", "square_linf", "pgd", "--n-images", "4",
+           "--sigmas", "0.01", "--budget", "60", "--repeats", "1", "--no-progress", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["attack"]: r for r in json.loads(out.read_text())["rows"]}
+    sq_row, pgd = rows["square_linf"], rows["pgd"]
+    assert sq_row["host_queries_match"] and 0 < sq_row["calls_slowest"] <= sq_row["calls"]
+    assert sq_row["bound_s"] > 0 and sq_row["wall_s"] > 0 and sq_row["queries_mean"] <= 60
+    assert "calls" not in pgd and "gradients" in pgd["host"] and pgd["wall_s"] > 0
 
 
 def test_compile_cache_folder_and_switch(tmp_path, monkeypatch):
