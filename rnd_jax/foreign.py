@@ -134,9 +134,9 @@ def separately_compiled(model, params, input_shape, batch_size: int | None = Non
     Known limit: its ``predict`` runs a JAX program from inside the attack's program. On a CPU, an
     attack whose step makes several oracle calls that XLA may run at once (GenAttack's) can leave
     every XLA worker thread inside a callback, each waiting for a program that has no thread left to
-    run on (seen on 2 cores: GenAttack under output noise hangs). Attacks that ask one call at a time
-    (NES, Square, SimBA, HSJA, Sign-OPT, GeoDA, RayS: ``benchmarks.scale``) are not affected; a
-    ``predict`` that runs no JAX (NumPy, PyTorch, a remote API) never is.
+    run on (seen on 2 cores: GenAttack under output noise hangs). The attacks of ``benchmarks.scale``
+    (NES, Square, SimBA-DCT, HSJA, Sign-OPT, GeoDA, RayS) run through it; a ``predict`` that runs no
+    JAX (NumPy, PyTorch, a remote API) is not affected.
     """
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
     k = jax.eval_shape(fwd, params, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)).shape[-1]
