@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from experiments.common import dataset_info, resolve_model, write_error
 from rnd_jax import compile_cache, data, train
 from rnd_jax.attacks import ATTACKS, Context
+from rnd_jax.attacks.registry import SURROGATE_OFFSETS
 from rnd_jax.defenses import check_level, model_scorer
 
 
@@ -70,8 +71,8 @@ def parse(parser, configure_fn, argv=None):
 
 
 def load(args, c: dict, compact: bool = False) -> SimpleNamespace:
-    """The benchmark's model, clean scorer, test split and attack context (a surrogate or the autoencoder
-    if an attack needs one), trained or loaded from the checkpoint cache; the persistent compilation cache on."""
+    """The benchmark's model, clean scorer, test split and attack context (a surrogate, Subspace's
+    reference models or the autoencoder if an attack needs them), trained or loaded from the checkpoint cache; the persistent compilation cache on."""
     compile_cache.enable()
     show = not args.no_progress
     model, params = train.load_or_train(c["model"], args.dataset, train.TrainConfig(), progress=show)
@@ -81,10 +82,16 @@ def load(args, c: dict, compact: bool = False) -> SimpleNamespace:
     if any("surrogate" in ATTACKS[n].needs for n in c["names"]):
         s_model, s_params = train.load_or_train(c["model"], args.dataset, train.TrainConfig(seed=1), progress=show)
         surrogate = model_scorer(s_model, s_params)
+    surrogates = None
+    if any("surrogates" in ATTACKS[n].needs for n in c["names"]):  # Subspace's references
+        refs = [train.load_or_train(c["model"], args.dataset, train.TrainConfig(seed=o), progress=show)
+                for o in SURROGATE_OFFSETS]
+        surrogates = tuple(model_scorer(m, p) for m, p in refs)
     decoder = None
     if any("autoencoder" in ATTACKS[n].needs for n in c["names"]):
         from rnd_jax import autoencoder as ae
         decoder = ae.load_decoder(args.dataset, progress=show)
-    ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), c["ds"].num_classes, surrogate, autoencoder=decoder)
+    ctx = Context(jnp.asarray(x_train), jnp.asarray(y_train), c["ds"].num_classes, surrogate, surrogates=surrogates,
+                  autoencoder=decoder)
     return SimpleNamespace(model=model, params=params, clean=model_scorer(model, params, compact=compact),
                            x_test=x_test, y_test=y_test, ctx=ctx)
