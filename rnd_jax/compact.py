@@ -122,9 +122,9 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
     image while any image goes on. Here, inside a driver loop under ``vmap``, the images whose points
     are really asked (:func:`rnd_jax.oracle.live`) are gathered to the front and ``fn`` runs, vmapped,
     on a chunk of them at a time, in a loop over as many chunks as hold the live images (one copy of
-    ``fn`` in the program; a chunk holds ``max(chunk, ceil(batch / max_chunks))`` images); nested ``vmap`` axes are flattened into one batch. ``live`` (a bool)
-    tells ``fn`` whether its image is live: the last chunk's other rows are padding, so ``fn``'s loops
-    should end at once for them. The outputs of images that are not live are zeros (nothing reads
+    ``fn`` in the program; a chunk holds ``max(chunk, ceil(batch / max_chunks))`` images); nested
+    ``vmap`` axes are flattened into one batch. ``live`` (a bool) tells ``fn`` whether its image is
+    live: the last chunk's other rows are padding, so ``fn``'s loops should end at once for them. The outputs of images that are not live are zeros (nothing reads
     them). Outside a driver loop (or ``vmap``) it is ``fn(True, *args)``. ``fn`` must compute each
     image's result bit for bit the same in a batch of any size: integer and elementwise work, no float
     reductions whose order could change.
@@ -208,11 +208,14 @@ def _flattened(fn, per_image):
             return v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
 
         args = [full(v, b) for v, b in zip(per_point, in_batched[1:])]
+        batched = lambda out: jax.tree_util.tree_map(lambda _: True, out)  # noqa: E731 (any output pytree)
         if any(jax.tree_util.tree_leaves(in_batched[0])):
-            return jax.vmap(per_image)(jax.tree_util.tree_map(full, arrays, in_batched[0]), *args), True
+            out = jax.vmap(per_image)(jax.tree_util.tree_map(full, arrays, in_batched[0]), *args)
+            return out, batched(out)
         lead = args[0].shape[:2]
         out = fn(arrays, *(v.reshape((-1,) + v.shape[2:]) for v in args))
-        return out.reshape(lead + out.shape[1:]), True
+        out = jax.tree_util.tree_map(lambda o: o.reshape(lead + o.shape[1:]), out)
+        return out, batched(out)
 
     return fn
 

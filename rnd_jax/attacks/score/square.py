@@ -383,31 +383,23 @@ def draw_distinct(cfg, state: SquareState, k, p):
     the same bits in a batch of any size); an image whose step is discarded draws try 0 only.
     """
     if cfg.norm == "linf":
-        t = compact.on_live(lambda live, st, k_, p_: _first_fresh(cfg, live, st, k_, p_), state, k, p)
-    else:
-        t = _first_fresh(cfg, _oracle.live(), state, k, p)
-    cand, s = draw_proposal(cfg, state, k, p, t)
-    return cand, s, t + 1
+        return compact.on_live(lambda live, st, k_, p_: _first_fresh(cfg, live, st, k_, p_), state, k, p)
+    return _first_fresh(cfg, _oracle.live(), state, k, p)
 
 
 def _first_fresh(cfg, live, state: SquareState, k, p):
-    """The loop of :func:`draw_distinct`: the index of the first try that does not repeat a point.
+    """The loop of :func:`draw_distinct`: ``(candidate, side, tries)`` of the first try that repeats no point.
 
     ``live`` (``None``: true): whether the image's step is really taken; if not, the loop ends at once.
     """
     zero = jnp.zeros((), jnp.int32)
+    cand0, s0 = draw_proposal(cfg, state, k, p, zero)
     if cfg.max_tries == 1:
-        return zero
+        return cand0, s0, jnp.ones((), jnp.int32)
     # l_2 proposals sum over the window: drawn several at once (vmapped) their float sums may round
     # differently, so they keep one try per iteration (they rarely repeat: their values are continuous)
     width = min(TRY_CHUNK if cfg.norm == "linf" else 1, cfg.max_tries - 1)
     last = jnp.int32(cfg.max_tries - 1)
-
-    def fresh_tries(ts):
-        if width == 1:
-            return ~repeats(state, draw_proposal(cfg, state, k, p, ts[0])[0])[None]
-        cands, _ = jax.vmap(lambda t: draw_proposal(cfg, state, k, p, t))(ts)
-        return ~jax.vmap(lambda x: repeats(state, x))(cands)
 
     def cond(c):
         start, found = c[0], c[1]
@@ -417,14 +409,21 @@ def _first_fresh(cfg, live, state: SquareState, k, p):
         start = c[0]
         ts = start + jnp.arange(width, dtype=jnp.int32)
         ts_in = jnp.minimum(ts, last)
-        fresh = fresh_tries(ts_in) & (ts <= last)
+        if width == 1:
+            cand, side_ = draw_proposal(cfg, state, k, p, ts_in[0])
+            cands, sides, fresh = cand[None], side_[None], ~repeats(state, cand)[None]
+        else:
+            cands, sides = jax.vmap(lambda t: draw_proposal(cfg, state, k, p, t))(ts_in)
+            fresh = ~jax.vmap(lambda x: repeats(state, x))(cands)
+        fresh = fresh & (ts <= last)
         j = jnp.where(jnp.any(fresh), jnp.argmax(fresh), jnp.argmax(ts_in))  # first fresh, else the last try
-        return start + width, jnp.any(fresh) | (start + width > last), ts_in[j]
+        return start + width, jnp.any(fresh) | (start + width > last), cands[j], sides[j], ts_in[j]
 
-    found = ~repeats(state, draw_proposal(cfg, state, k, p, zero)[0])
+    found = ~repeats(state, cand0)
     if live is not None:
         found = found | ~jnp.asarray(live, bool)
-    return jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), found, zero))[2]
+    _, _, cand, s, t = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), found, cand0, s0, zero))
+    return cand, s, t + 1
 
 
 def square(cfg) -> Attack:
