@@ -124,10 +124,13 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
     on a chunk of them at a time, in a loop over as many chunks as hold the live images (one copy of
     ``fn`` in the program; a chunk holds ``max(chunk, ceil(batch / max_chunks))`` images); nested
     ``vmap`` axes are flattened into one batch. ``live`` (a bool) tells ``fn`` whether its image is
-    live: the last chunk's other rows are padding, so ``fn``'s loops should end at once for them. The outputs of images that are not live are zeros (nothing reads
-    them). Outside a driver loop (or ``vmap``) it is ``fn(True, *args)``. ``fn`` must compute each
-    image's result bit for bit the same in a batch of any size: integer and elementwise work, no float
-    reductions whose order could change.
+    live: the last chunk's other rows are padding, so ``fn``'s loops should end at once for them. The
+    outputs of images that are not live are zeros (nothing reads them). Outside a driver loop (or
+    ``vmap``) it is ``fn(True, *args)``. ``fn`` may be a pytree (a ``Partial`` holding a scorer): its
+    array leaves are arguments of the gathered program, not captured constants. Results equal those of
+    ``fn`` on every image bit for bit when ``fn`` computes each image's result the same in a batch of
+    any size: integer and elementwise work, and models whose kernels do not change with the batch size
+    (the same caveat as :func:`compacted`'s).
     """
     for name, v in (("chunk", chunk), ("max_chunks", max_chunks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -136,17 +139,17 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
     if pred is None:
         return fn(jnp.ones((), bool), *args)
     leaves, tree = jax.tree_util.tree_flatten(args)
+    fn_arrays, fn_static = pytree.partition(fn)  # fn's own arrays (a surrogate's weights) travel as arguments
 
-    def run(live, *flat):
-        return fn(live, *jax.tree_util.tree_unflatten(tree, flat))
+    def run(arrays, live, *flat):
+        return pytree.combine(arrays, fn_static)(live, *jax.tree_util.tree_unflatten(tree, flat))
 
     def core(arrays, mask, *flat):
-        del arrays
         n = mask.shape[0]
         width = min(n, max(chunk, -(-n // max_chunks)))
         order = jnp.argsort(jnp.logical_not(mask), stable=True)  # live images first, in their order
         n_live = jnp.sum(mask.astype(jnp.int32))
-        shapes = jax.eval_shape(run, mask[0], *(v[0] for v in flat))
+        shapes = jax.eval_shape(run, arrays, mask[0], *(v[0] for v in flat))
         empty = jax.tree_util.tree_map(lambda o: jnp.zeros((n,) + o.shape, o.dtype), shapes)
 
         def body(c):
@@ -154,7 +157,7 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
             rows = i * width + jnp.arange(width)
             live = rows < n_live
             at = order[jnp.minimum(rows, n - 1)]  # only this chunk's images are gathered
-            part = jax.vmap(run)(live, *(v[at] for v in flat))
+            part = jax.vmap(run, in_axes=(None,) + (0,) * (1 + len(flat)))(arrays, live, *(v[at] for v in flat))
             to = jnp.where(live, at, n)  # padding rows write nowhere
             return i + 1, jax.tree_util.tree_map(lambda o, p_: o.at[to].set(p_, mode="drop"), out, part)
 
@@ -162,7 +165,7 @@ def on_live(fn, *args, chunk: int = MIN_BATCH, max_chunks: int = 8):
         return jax.lax.while_loop(lambda c: c[0] < n_chunks, body, (jnp.zeros((), jnp.int32), empty))[1]
 
     flat_fn = _flattened(core, core)
-    out = flat_fn((), jnp.asarray(pred, bool)[None], *(v[None] for v in leaves))
+    out = flat_fn(fn_arrays, jnp.asarray(pred, bool)[None], *(v[None] for v in leaves))
     return jax.tree_util.tree_map(lambda o: o[0], out)
 
 

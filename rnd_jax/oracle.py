@@ -350,26 +350,30 @@ def live_while(cond, body, init):
 
 
 def live_cond(pred, true_fn, false_fn, *operands):
-    """``jax.lax.cond`` whose branches' points are live only when the branch is the one taken.
+    """``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``; each branch's points are live only
+    when it is the branch taken.
 
-    Whether the taken branch saw a non-finite answer is reported to the enclosing :func:`watch`.
+    Built as two ``while_loop`` s of at most one trip (one per branch, through :func:`live_while`), not
+    as a ``lax.cond``: under ``vmap`` a ``lax.cond`` with a per-image predicate becomes a select that
+    runs both branches for every image and first broadcasts every array the branches close over to one
+    copy per image, a model's params included, so a query there ran the model with per-image weights
+    (a grouped convolution, several times slower, that no compaction could shrink). A loop's body keeps
+    those arrays as they are and runs while any image takes its branch; the images that do not keep
+    their carry. Whether the taken branch saw a non-finite answer is reported to the enclosing
+    :func:`watch`. ``false_fn`` is traced twice (once for the shapes of the result); not differentiable
+    in reverse mode (a loop).
     """
     pred = jnp.asarray(pred, bool)
+    shapes = jax.eval_shape(false_fn, *operands)
+    blank = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    asked = []
+    def once(when, fn):
+        def body(c):
+            return jnp.zeros((), bool), fn(*operands)
+        return live_while(lambda c: c[0], body, (when, blank))[1]
 
-    def branch(fn, when):
-        def run(*a):
-            with _living(when), watch() as seen:
-                out = fn(*a)
-            asked.append(seen.asked)
-            return out, seen.invalid
-        return run
-
-    out, bad = jax.lax.cond(pred, branch(true_fn, pred), branch(false_fn, ~pred), *operands)
-    if any(asked):
-        _report(bad)
-    return out
+    taken, other = once(pred, true_fn), once(~pred, false_fn)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), taken, other)
 
 
 # ----------------------------------------------------------------------------- non-finite answers

@@ -19,6 +19,7 @@ For each attack (``rnd_jax.attacks.ATTACKS``), with its ``AttackSpec.battery`` o
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -152,6 +153,13 @@ def test_succeeds_undefended(name, targeted, context, clean_scorer, attack_set):
     ok = fooled & (dist <= spec.battery["eps"] + 1e-5)
     assert ok.mean() >= 0.9, (name, "targeted" if targeted else "untargeted", ok, res.queries)
     assert res.queries.max() <= budget
+    # the model runs with one copy of its weights: a lax.cond / lax.switch on a per-image predicate around a
+    # query (or a surrogate's gradient) would copy them per image, a grouped convolution (the digits CNN has none)
+    f, _ = runner(name, context, clean_scorer, targeted, n)
+    text = f.func.lower(*f.args, attack_set.images, attack_set.labels, attack_set.targets, keys(0, n), keys(1, n),
+                        0.0, keys(2, n), 0).as_text()  # the program just run: its trace is cached
+    assert "stablehlo.convolution" in text
+    assert not [g for g in re.findall(r"(?:feature|batch)_group_count = (\d+)", text) if int(g) > 1], name
 
 
 EAGER_FAST = ("rays",)  # the eager witness by default (NES: tests/test_nes.py); all with -m slow (the host tap

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 from rnd_jax import compile_cache, data, pytree
 from rnd_jax.attacks import Context, make_attack
@@ -18,7 +19,7 @@ from rnd_jax.attacks.score import square as sq
 from rnd_jax.compact import compacted, on_live, pointwise
 from rnd_jax.defenses import model_scorer, output_noise
 from rnd_jax.evaluate import Protocol, cell_inputs, image_keys, make_runner, select_images
-from rnd_jax.oracle import Oracle, live_while
+from rnd_jax.oracle import Oracle, live_cond, live_while
 
 RUN = pytree.jit(pytree.apply)
 
@@ -72,6 +73,38 @@ def test_compacted_scorer_sees_only_live_points():
     assert sizes == [20, 8, 8, 2]
     with pytest.raises(ValueError, match="min_batch"):
         compacted(counting, min_batch=0)
+
+
+def test_live_cond_keeps_a_scorers_arrays_whole_so_its_queries_are_compacted():
+    """A query inside ``live_cond`` on a per-image predicate reaches the compacted scorer with the scorer's
+    own arrays unbatched (a ``lax.cond`` would copy them per image, and the scorer would then run per image
+    on every point): it is evaluated on the live points only, and answers what the scorer alone answers."""
+    sizes = []
+
+    def counting(w, x, keys):
+        n = x.shape[0]
+        jax.debug.callback(lambda: sizes.append(n))
+        s = jnp.sum(x, axis=(1, 2, 3)) * w
+        return jnp.stack([s, -s], -1)
+
+    scorer = compacted(Partial(counting, jnp.float32(3.0)), min_batch=2)
+
+    def one(x, n_steps):
+        def body(c):
+            i, acc = c
+            ask = (i % 2 == 0) | (n_steps == 1)  # a per-image predicate: the even steps, every step of the 1-step images
+            got = live_cond(ask, lambda: scorer(x[None] * (i + 1), None)[0], lambda: jnp.full((2,), 0.5))
+            return i + 1, acc + got
+        return live_while(lambda c: c[0] < n_steps, body, (jnp.zeros((), jnp.int32), jnp.zeros(2)))[1]
+
+    steps = np.asarray([1] * 12 + [2] * 5 + [3] * 2 + [4])
+    xs = jnp.ones((len(steps), 2, 2, 1))
+    out = jax.jit(jax.vmap(one))(xs, jnp.asarray(steps))
+    want = [sum(12.0 * (i + 1) if (i % 2 == 0 or n == 1) else 0.5 for i in range(n)) for n in steps]
+    np.testing.assert_allclose(np.asarray(out)[:, 0], want)
+    # step 0: all 20 images ask (bucket 20); step 1 asks nothing (no image live in the branch: no call);
+    # step 2: the 3 images with 3 or 4 steps (bucket 8); step 3 asks nothing
+    assert sizes == [20, 8], sizes
 
 
 def _sequential_tries(cfg, draw, rep, state):

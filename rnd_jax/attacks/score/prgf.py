@@ -25,13 +25,15 @@ Queries. Every step asks, in one plain batch, the current point ``x`` (the succe
 attack stops there if the answer is adversarial; its loss is ``f(x)``) and the prior probe
 ``x + sigma*v``. The rest depends on answers, as in the reference implementation: ``S`` norm
 probes on the steps that refresh the norm estimate, and ``q`` probes unless ``lambda* = 1``.
-These are asked with ``oracle.at`` inside ``lax.cond`` and reported in ``Info.queries``; the
+These are asked with ``oracle.at`` inside :func:`rnd_jax.oracle.live_cond` (under ``vmap`` a ``lax.cond``
+would run the model with one copy of its weights per image) and reported in ``Info.queries``; the
 declared ``cost = 2 + S + q`` is the worst case. A step whose first answer is already adversarial
 asks nothing more. The reference code likewise counts the loss query at each new point, which is
 also its success check.
 
 The transfer gradient is ``jax.grad`` through the surrogate scorer (the attacker's own white-box
-model, never the oracle). The surrogate loss is the attack's loss on the surrogate's probabilities.
+model, never the oracle), computed inside a driver loop for the live images only
+(:func:`rnd_jax.compact.on_live`). The surrogate loss is the attack's loss on the surrogate's probabilities.
 
 Defaults (``PRGFConfig``), scaled to the image: the paper uses ``q = 50`` directions on ImageNet (``d = 268,203``), i.e. far fewer directions than dimensions; on the 8x8 digits
 (``d = 64``) 50 directions would nearly span the space, so ``q = 10`` and ``S = 10`` norm probes
@@ -72,7 +74,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from rnd_jax import losses
+from rnd_jax import compact, losses
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
 from rnd_jax.attacks.score.nes import is_adversarial, project
@@ -167,6 +169,12 @@ def prior_guided_directions(z, v, lam):
     return jnp.sqrt(lam) * v + jnp.sqrt(1.0 - lam) * rms_normalize(xi, batched=True)
 
 
+def _transfer_gradient(objective, surrogate, live, x, cls):
+    """The gradient of ``objective`` on the surrogate's answer at ``x`` (``live`` unused: no loop inside)."""
+    del live
+    return jax.grad(lambda xs: objective(surrogate(xs[None], None)[0], cls))(x)
+
+
 def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
     """Build P-RGF for ``cfg`` with the transfer prior of ``surrogate`` (a clean scorer)."""
     if not callable(surrogate):
@@ -177,8 +185,8 @@ def prgf(cfg: PRGFConfig, surrogate: Any) -> Attack:
     def objective(probs, cls):  # ascended
         return -loss_fn(probs, cls)
 
-    def transfer_prior(surrogate, x, cls):
-        return jax.grad(lambda xs: objective(surrogate(xs[None], None)[0], cls))(x)
+    def transfer_prior(surrogate, x, cls):  # the surrogate's gradient, computed for the live images only
+        return compact.on_live(Partial(_transfer_gradient, objective, surrogate), x, cls)
 
     def init(key, x0, label, target):
         x0 = jnp.asarray(x0, jnp.float32)

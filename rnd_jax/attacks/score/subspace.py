@@ -22,8 +22,8 @@ gradient of the attacked model's objective ``f`` (``f = -loss``, ascended) and, 
 Gradients of the references are the attacker's own white-box computation (``jax.grad`` through the
 scorer), never queries. The references are arguments of the compiled program: the step is a
 ``Partial`` holding the tuple of scorers, whose weights are its pytree leaves (:mod:`rnd_jax.pytree`).
-With more than one reference the chosen one is a ``lax.switch`` on a drawn index (under ``vmap`` every
-reference's gradient is computed and the drawn one selected).
+With more than one reference every reference's gradient is computed and the one of a drawn index
+selected (:func:`reference_direction`), for the live images only.
 
 **Dropout.** The paper regularises the references with dropout whose ratio grows during the attack
 (the authors' code: ``p_t = p_0`` for the first ``drop_grow`` steps, then
@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from rnd_jax import losses
+from rnd_jax import compact, losses
 from rnd_jax.attacks.driver import Attack
 from rnd_jax.attacks.registry import BATTERY_EPS, AttackSpec, register
 from rnd_jax.attacks.score.nes import is_adversarial, project
@@ -166,12 +166,19 @@ def _norm(t, p: int = 2):
 
 
 def reference_direction(surrogates, x, cls, mask, idx, objective):
-    """Gradient of ``objective(reference(mask * x), cls)`` w.r.t. ``x`` for reference ``idx`` (unit l_2)."""
-    def grad_of(s):
-        return lambda z: jax.grad(lambda y: objective(s((mask * y)[None], None)[0], cls))(z)
+    """Gradient of ``objective(reference(mask * x), cls)`` w.r.t. ``x`` for reference ``idx`` (unit l_2).
 
-    branches = [grad_of(s) for s in surrogates]
-    g = branches[0](x) if len(branches) == 1 else jax.lax.switch(idx, branches, x)
+    Inside a driver loop under ``vmap`` it is computed for the live images only
+    (:func:`rnd_jax.compact.on_live`), and every reference's gradient is taken and the drawn one picked:
+    a ``lax.switch`` on a per-image index would become a select that copies each reference's weights
+    once per image (a grouped convolution, several times slower)."""
+    return compact.on_live(Partial(_reference_gradient, objective, surrogates), x, cls, mask, idx)
+
+
+def _reference_gradient(objective, surrogates, live, x, cls, mask, idx):
+    del live
+    grads = [jax.grad(lambda y, s=s: objective(s((mask * y)[None], None)[0], cls))(x) for s in surrogates]
+    g = grads[0] if len(grads) == 1 else jnp.stack(grads)[idx]
     return g / _norm(g)
 
 
